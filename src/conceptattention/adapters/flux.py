@@ -1,0 +1,47 @@
+"""Flux.1 (dev, schnell and fine-tunes): diffusers ``FluxTransformer2DModel``.
+
+Tokens are packed latents ``[B, N, C]``; the grid comes from ``img_ids`` (row, column per token).
+RoPE acts on image keys; concept tokens sit at position 0, where RoPE is the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import CallInputs, MMDiTAdapter
+
+
+class FluxAdapter(MMDiTAdapter):
+    name = "flux"
+    transformer_classes = (("diffusers", "FluxTransformer2DModel"),)
+    key_norm_layout = "BNHD"
+    clip_fp16 = True
+
+    def rope_module(self, transformer: nn.Module) -> nn.Module | None:
+        return transformer.pos_embed
+
+    def image_rope(self, rope_output: Any, num_image_tokens: int) -> Any:
+        cos, sin = rope_output  # [S_text + N, Dh] each; text ids come first
+        return cos[-num_image_tokens:], sin[-num_image_tokens:]
+
+    def apply_rope(self, key: torch.Tensor, rope: Any) -> torch.Tensor:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        return apply_rotary_emb(key, rope, sequence_dim=1)
+
+    def read_call(self, transformer: nn.Module, arguments: dict[str, Any]) -> CallInputs:
+        hidden_states = arguments.get("hidden_states")
+        img_ids = arguments.get("img_ids")
+        num_image = hidden_states.shape[1] if isinstance(hidden_states, torch.Tensor) else None
+        if not isinstance(img_ids, torch.Tensor):
+            return CallInputs(grid=None, num_image_tokens=num_image)
+        ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+
+        def grid() -> tuple[int, int]:
+            rows, cols = ids[:, 1], ids[:, 2]
+            return int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+
+        return CallInputs(grid=grid, num_image_tokens=num_image)

@@ -1,0 +1,445 @@
+"""The concept stream and its saliency maps, attached to a stock diffusers MM-DiT.
+
+``ConceptAttention`` is a context manager. While it is open, every call of the transformer also
+pushes a set of concept tokens through the text-stream weights of the double-stream blocks
+(blocks 0 .. last chosen layer), with one-directional attention: concept queries attend to concept
+and image keys, while image and prompt tokens never see the concepts. Only read-only forward hooks
+are used, so the model's own outputs are bit-for-bit what they are without it. Saliency scores are
+accumulated on the model's device without host synchronisation; read them after the calls with
+:meth:`ConceptAttention.maps`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import weakref
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import CallInputs, MMDiTAdapter, get_adapter
+from .errors import ConceptAttentionError
+from .readouts import STREAMS, Readout, layer_scores, resolve_readouts, stream_mask
+
+__all__ = ["ConceptAttention", "default_layers"]
+
+_ATTACHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+class _StopForward(Exception):
+    """Raised by the last read block to end a forward early (see ``forward_until_last_layer``)."""
+
+
+def default_layers(num_blocks: int) -> tuple[int, ...]:
+    """Default layers to read: the paper's Flux choice (blocks 14-17 of 19) scaled to any depth.
+
+    From ``floor(0.74 * L)`` to ``L - 2`` inclusive (deep layers, the final block left out), at
+    least one block.
+    """
+    start = int(math.floor(0.74 * num_blocks))
+    stop = max(start + 1, num_blocks - 1)
+    return tuple(range(min(start, num_blocks - 1), min(stop, num_blocks)))
+
+
+class ConceptAttention:
+    """Attach a ConceptAttention concept stream to a diffusers MM-DiT transformer.
+
+    Args:
+        transformer: a stock ``FluxTransformer2DModel`` or ``SD3Transformer2DModel`` (or any class an
+            adapter in :data:`conceptattention.adapters.ADAPTERS` accepts).
+        concept_embeds: concept embeddings in the text encoder's space, ``[K, D_text]`` (shared by the
+            batch) or ``[B, K, D_text]``; one row per concept, each encoded on its own.
+        layers: indices of the double-stream blocks to read (negatives count from the end); default
+            :func:`default_layers`. The concept stream runs through every block up to the last one.
+        calls: which transformer calls (0-based, counted since attach or :meth:`reset`) contribute:
+            None for all, a collection of indices, or a predicate ``call_index -> bool``.
+        readouts: names from :data:`conceptattention.readouts.READOUTS` or ``Readout`` specs; the first
+            is the default of :meth:`maps`.
+        concept_pooled: ``"zero"`` (the paper's choice: the concept stream's modulation uses a zero
+            pooled-text vector) or ``"prompt"`` (the prompt's own modulation).
+        grid: token grid ``(h, w)`` of the image, when it cannot be read from the call's inputs.
+        adapter: force an adapter instead of picking one by the transformer's class.
+
+    Example::
+
+        with ConceptAttention(pipe.transformer, embeds, layers=[14, 15, 16, 17]) as ca:
+            pipe(prompt)
+        maps = ca.maps()  # [B, K, h, w], float32, on the model's device
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        concept_embeds: torch.Tensor,
+        *,
+        layers: Sequence[int] | None = None,
+        calls: Iterable[int] | Callable[[int], bool] | None = None,
+        readouts: Iterable[str | Readout] | str | Readout = "concept_attention",
+        concept_pooled: str = "zero",
+        grid: tuple[int, int] | None = None,
+        adapter: MMDiTAdapter | None = None,
+    ) -> None:
+        self.transformer = transformer
+        self.adapter = adapter if adapter is not None else get_adapter(transformer)
+        self._blocks = list(self.adapter.double_blocks(transformer))
+        self.concept_embeds = self._check_embeds(concept_embeds)
+        self.num_concepts = self.concept_embeds.shape[-2]
+        self.layers = self._check_layers(layers)
+        self.readouts = resolve_readouts(readouts)
+        self._calls = self._check_calls(calls)
+        if concept_pooled not in ("zero", "prompt"):
+            raise ConceptAttentionError(f"concept_pooled must be 'zero' or 'prompt', not {concept_pooled!r}")
+        self.concept_pooled = concept_pooled
+        if grid is not None and (len(grid) != 2 or min(int(g) for g in grid) < 1):
+            raise ConceptAttentionError(f"grid must be (rows, cols) of positive ints, not {grid!r}")
+        self._grid_override = None if grid is None else (int(grid[0]), int(grid[1]))
+        # Streams in a fixed order; ConceptAttention's own stream first.
+        wanted = {r.stream for r in self.readouts.values()}
+        self._streams = [s for s in STREAMS if s in wanted]
+        self._signature = inspect.signature(type(transformer).forward)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attached = False
+        self._stop_early = False
+        self.reset()
+        self._clear_call_state()
+
+    # ----- validation ---------------------------------------------------------------------------
+    def _check_embeds(self, embeds: Any) -> torch.Tensor:
+        if not isinstance(embeds, torch.Tensor):
+            raise ConceptAttentionError(
+                f"concept_embeds must be a torch.Tensor [K, D] or [B, K, D], not {type(embeds).__name__}"
+            )
+        if embeds.ndim not in (2, 3):
+            raise ConceptAttentionError(
+                f"concept_embeds must be [K, D] or [B, K, D]; got shape {tuple(embeds.shape)}"
+            )
+        if embeds.shape[-2] == 0:
+            raise ConceptAttentionError("the concept list is empty: give at least one concept")
+        width = self.adapter.text_dim(self.transformer)
+        if embeds.shape[-1] != width:
+            raise ConceptAttentionError(
+                f"concept embeddings are {embeds.shape[-1]} wide but this {type(self.transformer).__name__} "
+                f"expects the text encoder's width {width}; encode the concepts with the model's own text encoder"
+            )
+        if not torch.is_floating_point(embeds):
+            raise ConceptAttentionError(f"concept_embeds must be floating point, not {embeds.dtype}")
+        return embeds.detach()
+
+    def _check_layers(self, layers: Sequence[int] | None) -> tuple[int, ...]:
+        n = len(self._blocks)
+        if n == 0:
+            raise ConceptAttentionError(f"{type(self.transformer).__name__} has no double-stream blocks to read")
+        if layers is None:
+            return default_layers(n)
+        if isinstance(layers, int):
+            layers = [layers]
+        chosen = set()
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise ConceptAttentionError(f"layer indices must be ints, got {layer!r}")
+            if not -n <= layer < n:
+                raise ConceptAttentionError(
+                    f"layer {layer} is out of range: this transformer has {n} double-stream blocks "
+                    f"(valid indices {-n}..{n - 1})"
+                )
+            chosen.add(layer % n)
+        if not chosen:
+            raise ConceptAttentionError("layers is empty: choose at least one double-stream block to read")
+        return tuple(sorted(chosen))
+
+    @staticmethod
+    def _check_calls(calls: Any) -> Callable[[int], bool]:
+        if calls is None:
+            return lambda index: True
+        if callable(calls):
+            return calls
+        try:
+            wanted = frozenset(int(c) for c in calls)
+        except (TypeError, ValueError):
+            raise ConceptAttentionError(
+                f"calls must be None, a collection of call indices or a predicate, not {calls!r}"
+            ) from None
+        return wanted.__contains__
+
+    # ----- state ------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget accumulated maps and restart call counting at 0."""
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {name: 0 for name in self.readouts}
+        self.num_calls = 0
+        self.recorded_calls = 0
+        self._last_call: CallInputs | None = None
+
+    def _clear_call_state(self) -> None:
+        self._active = False
+        self._temb: torch.Tensor | None = None
+        self._rope: Any = None
+        self._hidden: torch.Tensor | None = None
+        self._capture: dict[str, torch.Tensor] = {}
+        self._call_inputs: CallInputs | None = None
+        self._in_time_embed = False
+
+    # ----- attach / detach ----------------------------------------------------------------------------
+    def attach(self) -> "ConceptAttention":
+        """Register the hooks. Prefer ``with ConceptAttention(...)``, which always detaches."""
+        if self._attached:
+            raise ConceptAttentionError("this ConceptAttention is already attached")
+        if self.transformer in _ATTACHED:
+            raise ConceptAttentionError(
+                "another ConceptAttention is already attached to this transformer; leave its `with` block first "
+                "(one session can hold several readouts)"
+            )
+        try:
+            self._register()
+        except BaseException:
+            self._remove_handles()
+            raise
+        _ATTACHED.add(self.transformer)
+        self._attached = True
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook; the transformer is exactly as before. Safe to call twice."""
+        self._remove_handles()
+        if self._attached:
+            _ATTACHED.discard(self.transformer)
+        self._attached = False
+        self._clear_call_state()
+
+    def __enter__(self) -> "ConceptAttention":
+        return self.attach()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.detach()
+
+    def _remove_handles(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _register(self) -> None:
+        t, adapter = self.transformer, self.adapter
+        self._handles.append(t.register_forward_pre_hook(self._on_call_start, with_kwargs=True))
+        self._handles.append(t.register_forward_hook(self._on_call_end, always_call=True))
+        self._handles.append(
+            adapter.time_embedder(t).register_forward_hook(self._on_time_embed, with_kwargs=True)
+        )
+        rope = adapter.rope_module(t)
+        if rope is not None:
+            self._handles.append(rope.register_forward_hook(self._on_rope))
+        last = self.layers[-1]
+        for index, block in enumerate(self._blocks[: last + 1]):
+            for name, (module, convert) in adapter.capture_points(block).items():
+                self._handles.append(module.register_forward_hook(self._capture_output(name, convert)))
+            self._handles.append(adapter.output_point(block).register_forward_pre_hook(self._capture_attn_out))
+            self._handles.append(block.register_forward_hook(self._block_done(index)))
+
+    # ----- hooks -------------------------------------------------------------------------------------------
+    def _on_call_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._clear_call_state()
+        index = self.num_calls
+        self.num_calls += 1
+        self._active = bool(self._calls(index))
+        if self._active:
+            bound = self._signature.bind_partial(module, *args, **kwargs).arguments
+            self._call_inputs = self.adapter.read_call(module, bound)
+
+    def _on_call_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._clear_call_state()
+
+    def _on_time_embed(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        if not self._active or self._in_time_embed:
+            return
+        if self.concept_pooled == "prompt":
+            self._temb = output
+            return
+        args, kwargs = list(args), dict(kwargs)
+        if "pooled_projection" in kwargs:
+            kwargs["pooled_projection"] = torch.zeros_like(kwargs["pooled_projection"])
+        else:
+            args[-1] = torch.zeros_like(args[-1])
+        self._in_time_embed = True
+        try:
+            with torch.no_grad():
+                self._temb = module(*args, **kwargs)
+        finally:
+            self._in_time_embed = False
+
+    def _on_rope(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._active:
+            self._rope = output
+
+    def _capture_output(self, name: str, convert: Callable[[Any], torch.Tensor]) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._active:
+                self._capture[name] = convert(output)
+
+        return hook
+
+    def _capture_attn_out(self, module: nn.Module, args: tuple) -> None:
+        if self._active:
+            self._capture["output"] = args[0]
+
+    def _block_done(self, index: int) -> Callable:
+        last = self.layers[-1]
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._active:
+                with torch.no_grad():
+                    self._concept_block(index, module)
+            if index == last and self._stop_early:
+                raise _StopForward
+
+        return hook
+
+    # ----- the concept stream -----------------------------------------------------------------------------
+    def _initial_hidden(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        embeds = self.concept_embeds.to(device=like.device, dtype=like.dtype)
+        if embeds.ndim == 2:
+            embeds = embeds.unsqueeze(0)
+        if embeds.shape[0] not in (1, batch):
+            raise ConceptAttentionError(
+                f"concept_embeds has batch {embeds.shape[0]} but the transformer was called with batch {batch}; "
+                "give [K, D] to share concepts across the batch, or [B, K, D] with the same B"
+            )
+        hidden = self.adapter.embed_concepts(self.transformer, embeds).expand(batch, -1, -1)
+        return hidden.repeat(1, len(self._streams), 1) if len(self._streams) > 1 else hidden
+
+    def _concept_block(self, index: int, block: nn.Module) -> None:
+        capture, self._capture = self._capture, {}
+        missing = {"key", "value", "output"} - capture.keys()
+        if missing or self._temb is None:
+            raise ConceptAttentionError(
+                f"double-stream block {index} ran without exposing its {', '.join(sorted(missing)) or 'time embedding'}; "
+                f"the {self.adapter.name} adapter does not match this transformer's implementation"
+            )
+        image_out = capture["output"]  # [B, N, H*Dh]
+        batch, num_image = image_out.shape[0], image_out.shape[1]
+        key = capture["key"]  # [B, N, H, Dh]
+        if self._rope is not None:
+            key = self.adapter.apply_rope(key, self.adapter.image_rope(self._rope, num_image))
+        image_key, image_value = key.transpose(1, 2), capture["value"].transpose(1, 2)  # [B, H, N, Dh]
+
+        if self._hidden is None:
+            self._hidden = self._initial_hidden(batch, image_out)
+        step = self.adapter.text_step(block, self._hidden, self._temb)
+        mask = stream_mask(self._streams, self.num_concepts, num_image, image_out.device)
+        attended = F.scaled_dot_product_attention(
+            step.query,
+            torch.cat([step.key, image_key.to(step.key.dtype)], dim=2),
+            torch.cat([step.value, image_value.to(step.value.dtype)], dim=2),
+            attn_mask=mask,
+        )
+        concept_out = attended.transpose(1, 2).flatten(2)  # [B, S*K, H*Dh]
+
+        if index in self.layers:
+            self._accumulate(image_out, concept_out, image_value, image_key, step)
+        if index < self.layers[-1]:
+            self._hidden = step.finish(concept_out)
+            if self._hidden is None:
+                raise ConceptAttentionError(f"block {index} ends the text stream; no later layer can be read")
+        else:
+            self._hidden = None
+            self.recorded_calls += 1
+            self._last_call = self._call_inputs
+
+    def _accumulate(
+        self,
+        image_out: torch.Tensor,
+        concept_out: torch.Tensor,
+        image_value: torch.Tensor,
+        image_key: torch.Tensor,
+        step: Any,
+    ) -> None:
+        k = self.num_concepts
+        raw: dict[tuple[str, str], torch.Tensor] = {}
+        for name, readout in self.readouts.items():
+            pair = (readout.stream, readout.space)
+            if pair not in raw:
+                s = self._streams.index(readout.stream)
+                sl = slice(s * k, (s + 1) * k)
+                raw[pair] = layer_scores(
+                    readout.space,
+                    image_out=image_out,
+                    concept_out=concept_out[:, sl],
+                    image_value=image_value,
+                    concept_value=step.value[:, :, sl],
+                    image_key=image_key,
+                    concept_query=step.query[:, :, sl],
+                )
+            scores = raw[pair].softmax(dim=1) if readout.softmax else raw[pair]
+            total = self._sums.get(name)
+            if total is None:
+                self._sums[name] = scores.clone()
+            elif total.shape != scores.shape:
+                raise ConceptAttentionError(
+                    f"this call's maps are {tuple(scores.shape)} but earlier calls gave {tuple(total.shape)} "
+                    "(batch, concepts, image tokens); call reset() between inputs of different sizes"
+                )
+            else:
+                total.add_(scores)
+            self._counts[name] += 1
+
+    # ----- running and reading -------------------------------------------------------------------------
+    def forward_until_last_layer(self, *args: Any, **kwargs: Any) -> None:
+        """Call the transformer, stopping right after the last read block (real-image passes).
+
+        Nothing after that block runs (no later double or single-stream blocks, no final layer), and
+        the call returns None; the maps are then read as usual.
+        """
+        if not self._attached:
+            raise ConceptAttentionError("attach first: use `with ConceptAttention(...) as ca:`")
+        self._stop_early = True
+        try:
+            self.transformer(*args, **kwargs)
+        except _StopForward:
+            pass
+        else:
+            raise ConceptAttentionError("the forward ended without reaching the last read layer")
+        finally:
+            self._stop_early = False
+
+    def _name(self, readout: str | None) -> str:
+        name = next(iter(self.readouts)) if readout is None else readout
+        if name not in self.readouts:
+            raise ConceptAttentionError(
+                f"readout {name!r} was not recorded; this session has {', '.join(self.readouts)}"
+            )
+        if self._counts[name] == 0:
+            raise ConceptAttentionError(
+                "no maps were recorded: call the transformer inside the `with ConceptAttention(...)` block "
+                f"(calls seen: {self.num_calls}; check the `calls` argument)"
+            )
+        return name
+
+    def token_maps(self, readout: str | None = None) -> torch.Tensor:
+        """Mean saliency over recorded layers and calls, ``[B, K, N]`` float32 (N image tokens)."""
+        name = self._name(readout)
+        return self._sums[name] / self._counts[name]
+
+    def grid(self) -> tuple[int, int]:
+        """Token grid ``(h, w)`` of the last recorded call."""
+        if self._grid_override is not None:
+            return self._grid_override
+        call = self._last_call
+        if call is None or call.grid is None:
+            raise ConceptAttentionError(
+                "the token grid could not be read from the transformer's inputs; pass grid=(rows, cols)"
+            )
+        return call.grid()
+
+    def maps(self, readout: str | None = None) -> torch.Tensor:
+        """Mean saliency on the token grid, ``[B, K, h, w]`` float32, on the model's device."""
+        tokens = self.token_maps(readout)
+        h, w = self.grid()
+        if h * w != tokens.shape[-1]:
+            raise ConceptAttentionError(
+                f"grid {h}x{w} does not hold the {tokens.shape[-1]} image tokens; pass grid=(rows, cols)"
+            )
+        return tokens.unflatten(-1, (h, w))
+
+    def all_maps(self) -> dict[str, torch.Tensor]:
+        """Every recorded readout's maps, ``{name: [B, K, h, w]}``."""
+        return {name: self.maps(name) for name in self.readouts if self._counts[name]}
