@@ -177,6 +177,7 @@ class ConceptAttention:
         self._active = False
         self._temb: torch.Tensor | None = None
         self._rope: Any = None
+        self._image_rope: Any = None
         self._hidden: torch.Tensor | None = None
         self._capture: dict[str, torch.Tensor] = {}
         self._call_inputs: CallInputs | None = None
@@ -319,7 +320,9 @@ class ConceptAttention:
         batch, num_image = image_out.shape[0], image_out.shape[1]
         key = capture["key"]  # [B, N, H, Dh]
         if self._rope is not None:
-            key = self.adapter.apply_rope(key, self.adapter.image_rope(self._rope, num_image))
+            if self._image_rope is None:
+                self._image_rope = self.adapter.image_rope(self._rope, num_image, key.dtype)
+            key = self.adapter.apply_rope(key, self._image_rope)
         image_key, image_value = key.transpose(1, 2), capture["value"].transpose(1, 2)  # [B, H, N, Dh]
 
         if self._hidden is None:

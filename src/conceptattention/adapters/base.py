@@ -79,8 +79,8 @@ class MMDiTAdapter:
         """Module whose output is the rotary embedding of all tokens, or None (no RoPE)."""
         return None
 
-    def image_rope(self, rope_output: Any, num_image_tokens: int) -> Any:
-        """The image tokens' part of ``rope_module``'s output."""
+    def image_rope(self, rope_output: Any, num_image_tokens: int, dtype: torch.dtype) -> Any:
+        """The image tokens' rotation tables from ``rope_module``'s output, prepared once per call."""
         return None
 
     def apply_rope(self, key: torch.Tensor, rope: Any) -> torch.Tensor:

@@ -23,14 +23,18 @@ class FluxAdapter(MMDiTAdapter):
     def rope_module(self, transformer: nn.Module) -> nn.Module | None:
         return transformer.pos_embed
 
-    def image_rope(self, rope_output: Any, num_image_tokens: int) -> Any:
-        cos, sin = rope_output  # [S_text + N, Dh] each; text ids come first
-        return cos[-num_image_tokens:], sin[-num_image_tokens:]
+    def image_rope(self, rope_output: Any, num_image_tokens: int, dtype: torch.dtype) -> Any:
+        # Tables are [S_text + N, Dh], text ids first, each angle stored for both channels of a pair.
+        cos, sin = (t[-num_image_tokens:, None, :].to(dtype) for t in rope_output)  # [N, 1, Dh]
+        return cos, sin[..., 0::2]
 
     def apply_rope(self, key: torch.Tensor, rope: Any) -> torch.Tensor:
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        return apply_rotary_emb(key, rope, sequence_dim=1)
+        # Channel pairs (a, b) rotate to (a cos - b sin, b cos + a sin), in the key's own dtype.
+        cos, sin = rope
+        out = key * cos
+        out[..., 0::2].addcmul_(key[..., 1::2], sin, value=-1)
+        out[..., 1::2].addcmul_(key[..., 0::2], sin)
+        return out
 
     def read_call(self, transformer: nn.Module, arguments: dict[str, Any]) -> CallInputs:
         hidden_states = arguments.get("hidden_states")
