@@ -100,6 +100,7 @@ class ConceptAttention:
         wanted = {r.stream for r in self.readouts.values()}
         self._streams = [s for s in STREAMS if s in wanted]
         self._signature = inspect.signature(type(transformer).forward)
+        self._embeds_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attached = False
         self._stop_early = False
@@ -297,7 +298,10 @@ class ConceptAttention:
 
     # ----- the concept stream -----------------------------------------------------------------------------
     def _initial_hidden(self, batch: int, like: torch.Tensor) -> torch.Tensor:
-        embeds = self.concept_embeds.to(device=like.device, dtype=like.dtype)
+        embeds = self._embeds_on.get((like.device, like.dtype))
+        if embeds is None:  # one copy per device/dtype, not one per call
+            embeds = self.concept_embeds.to(device=like.device, dtype=like.dtype)
+            self._embeds_on[(like.device, like.dtype)] = embeds
         if embeds.ndim == 2:
             embeds = embeds.unsqueeze(0)
         if embeds.shape[0] not in (1, batch):
