@@ -65,6 +65,8 @@ class ShapesConfig:
     num_attention_heads: int = 6
     axes_dims_rope: tuple[int, int, int] = (4, 14, 14)
     vocab: tuple[str, ...] = field(default_factory=lambda: VOCAB)
+    #: Double-stream blocks read for maps by default (None: the core's depth-scaled default).
+    map_layers: tuple[int, ...] | None = None
 
     def transformer_kwargs(self) -> dict:
         return dict(
@@ -199,6 +201,8 @@ class ShapesModel(nn.Module):
         raw = json.loads(config_file.read_text())["config"]
         raw["axes_dims_rope"] = tuple(raw["axes_dims_rope"])
         raw["vocab"] = tuple(raw["vocab"])
+        if raw.get("map_layers") is not None:
+            raw["map_layers"] = tuple(raw["map_layers"])
         model = cls(ShapesConfig(**raw))
         state = {k: v.to(torch.float32) for k, v in load_file(str(weights)).items()}
         model.load_state_dict(state)

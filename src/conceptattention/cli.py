@@ -1,0 +1,123 @@
+"""Command line: ``conceptattention generate | encode | train-shapes``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import ConceptAttentionError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="ConceptAttention saliency maps for diffusion transformers.")
+
+MODEL_HELP = "'shapes' (built in, offline) or a directory of shapes-model weights"
+LAYERS_HELP = "double-stream blocks to read, e.g. --layers 2 --layers 3 (default: the model's)"
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _concepts(concepts: List[str]) -> List[str]:
+    words = [w for c in concepts for w in c.replace(",", " ").split()]
+    if not words:
+        raise ConceptAttentionError("no concepts given: pass --concepts WORD [WORD ...]")
+    return words
+
+
+def _report(result, out: Path, quiet: bool) -> None:
+    written = result.save(out)
+    if not quiet:
+        typer.echo(f"wrote {len(written)} files to {out} (maps.npy {list(result.maps.shape)}, grid.png, result.json)")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def generate(
+    ctx: typer.Context,
+    prompt: str = typer.Argument(..., help="what to draw, e.g. 'a red circle and a blue square on grass'"),
+    concepts: List[str] = typer.Option(..., "--concepts", "-c", help="concept words (several after one flag)"),
+    out: Path = typer.Option(Path("runs/generate"), "--out", "-o", help="output directory"),
+    model: str = typer.Option("shapes", help=MODEL_HELP),
+    steps: int = typer.Option(20, help="denoising steps"),
+    guidance: float = typer.Option(4.0, help="classifier-free guidance scale"),
+    seed: int = typer.Option(0),
+    layers: Optional[List[int]] = typer.Option(None, "--layers", help=LAYERS_HELP),
+    device: str = typer.Option("cpu"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Generate an image from PROMPT and one saliency map per concept."""
+    from .pipelines import load_pipeline
+
+    try:
+        words = _concepts(list(concepts) + list(ctx.args))
+        pipe = load_pipeline(model, device=device)
+        result = pipe.generate(prompt, words, steps=steps, guidance=guidance, seed=seed, layers=layers)
+        _report(result, out, quiet)
+    except ConceptAttentionError as err:
+        _fail(err)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def encode(
+    ctx: typer.Context,
+    image: Path = typer.Argument(..., help="image file (any size or mode; resized to the model's)"),
+    concepts: List[str] = typer.Option(..., "--concepts", "-c", help="concept words (several after one flag)"),
+    caption: str = typer.Option("", help="caption of the image (the paper uses 'a {class}')"),
+    out: Path = typer.Option(Path("runs/encode"), "--out", "-o", help="output directory"),
+    model: str = typer.Option("shapes", help=MODEL_HELP),
+    t: float = typer.Option(0.5, help="noise level of the single pass, in [0, 1]"),
+    samples: int = typer.Option(4, help="noise samples averaged (batched in one pass)"),
+    seed: int = typer.Option(0),
+    layers: Optional[List[int]] = typer.Option(None, "--layers", help=LAYERS_HELP),
+    device: str = typer.Option("cpu"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Saliency maps of the concepts in a real IMAGE."""
+    from .pipelines import load_pipeline
+
+    try:
+        words = _concepts(list(concepts) + list(ctx.args))
+        pipe = load_pipeline(model, device=device)
+        result = pipe.encode(image, words, caption=caption, t=t, samples=samples, seed=seed, layers=layers)
+        _report(result, out, quiet)
+    except ConceptAttentionError as err:
+        _fail(err)
+
+
+@app.command("train-shapes")
+def train_shapes(
+    out: Path = typer.Option(..., "--out", "-o", help="run directory (checkpoint, log, exported weights)"),
+    steps: int = typer.Option(None, help="total steps (default: the shipped model's)"),
+    batch: int = typer.Option(None, help="batch size (default: the shipped model's)"),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    max_seconds: Optional[float] = typer.Option(None, help="stop (with a checkpoint) after this long"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train the shapes model from scratch, or resume OUT/checkpoint.pt. Ctrl-C checkpoints and stops."""
+    from dataclasses import replace
+
+    from .shapes.train import TrainConfig, train
+
+    cfg = TrainConfig(seed=seed)
+    if steps is not None:
+        cfg = replace(cfg, steps=steps)
+    if batch is not None:
+        cfg = replace(cfg, batch=batch)
+    weights = train(out, cfg, device=device, progress=not quiet, max_seconds=max_seconds)
+    typer.echo(f"weights: {weights}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

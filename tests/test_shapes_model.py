@@ -1,0 +1,181 @@
+"""Text encoder, training (loss goes down, exact resume) and the shapes pipeline/CLI on a tiny config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conceptattention import ConceptAttentionError
+from conceptattention.cli import app
+from conceptattention.pipelines.shapes import ShapesPipeline
+from conceptattention.shapes.model import ShapesConfig, ShapesModel, pack, tokenize, unpack
+from conceptattention.shapes.train import TrainConfig, batch_loss, train
+
+TINY = ShapesConfig(text_dim=32, text_layers=1, text_heads=2, num_layers=3, num_single_layers=1,
+                    attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 6, 6))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny_shapes")
+    ShapesModel(TINY).save(directory)
+    return directory
+
+
+def test_tokenize_and_unknown_words():
+    ids = tokenize(["a red circle", "grass"], 6)
+    assert ids.shape == (2, 6) and ids[1, 1:].eq(0).all()
+    with pytest.raises(ConceptAttentionError, match="does not know 'dog'.*vocabulary is: a an and .*background"):
+        tokenize(["a dog"], 6)
+
+
+def test_pack_unpack_roundtrip():
+    x = torch.randn(2, 3, 64, 64)
+    for p in (4, 8):
+        tokens = pack(x, p)
+        assert tokens.shape == (2, (64 // p) ** 2, 3 * p * p)
+        assert torch.equal(unpack(tokens, p), x)
+    # token (row 1, col 2) of an 8x8 patching holds pixels [8:16, 16:24]
+    assert torch.equal(pack(x, 8)[0, 1 * 8 + 2].view(3, 8, 8), x[0, :, 8:16, 16:24])
+
+
+def test_concepts_are_encoded_alone_as_first_token():
+    model = ShapesModel(TINY).eval()
+    with torch.no_grad():
+        embeds = model.encode_concepts(["circle", "red"])
+        tokens, _ = model.encode_text(["circle"])
+    assert embeds.shape == (2, TINY.text_dim)
+    torch.testing.assert_close(embeds[0], tokens[0, 0])
+    with pytest.raises(ConceptAttentionError, match="not one word"):
+        model.encode_concepts(["red circle"])
+
+
+def test_training_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    model = ShapesModel(TINY).train()
+    cfg = TrainConfig(batch=16, bf16=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(25):  # the same batch again and again: the loss must fall
+        loss = batch_loss(model, 0, cfg, torch.device("cpu"))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path):
+    cfg = TrainConfig(steps=4, batch=4, bf16=False, checkpoint_every=2, log_every=1, warmup=2)
+    whole = train(tmp_path / "whole", cfg, TINY, progress=False)
+    train(tmp_path / "parts", replace(cfg, steps=2), TINY, progress=False)
+    parts = train(tmp_path / "parts", cfg, TINY, progress=False)
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    logs = [json.loads(line) for line in (tmp_path / "parts" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    assert (whole / "model.safetensors").is_file() and (parts / "config.json").is_file()
+
+
+def test_pipeline_generate_and_encode(tiny_dir, tmp_path):
+    pipe = ShapesPipeline.from_pretrained(tiny_dir)
+    res = pipe.generate("a red circle on grass", ["circle", "grass", "red"], steps=3, seed=1)
+    assert res.maps.shape == (3, 64, 64) and res.token_maps.shape == (3, 8, 8)
+    torch.testing.assert_close(res.maps.sum(0), torch.ones(64, 64), rtol=1e-4, atol=1e-4)
+    again = pipe.generate("a red circle on grass", ["circle", "grass", "red"], steps=3, seed=1)
+    assert np.array_equal(np.asarray(res.image), np.asarray(again.image))
+    files = res.save(tmp_path / "gen")
+    maps = np.load(files["maps"])
+    assert maps.dtype == np.float32 and maps.shape == (3, 64, 64)
+    assert Image.open(files["grid"]).size[0] == 4 * 192
+    info = json.loads(files["result"].read_text())
+    assert info["concepts"] == ["circle", "grass", "red"] and info["steps"] == 3
+
+    enc = pipe.encode(files["image"], ["circle", "grass"], caption="a red circle on grass", samples=3, seed=2)
+    singles = [pipe.encode(files["image"], ["circle", "grass"], caption="a red circle on grass", samples=1, seed=s)
+               for s in (10, 11)]
+    assert enc.maps.shape == (2, 64, 64) and torch.isfinite(enc.maps).all()
+    assert not torch.allclose(singles[0].token_maps, singles[1].token_maps)
+
+
+def test_encode_batched_samples_equal_mean_of_single_runs(tiny_dir):
+    pipe = ShapesPipeline.from_pretrained(tiny_dir)
+    # 8-bit pixel values, as from an image file (encode reads images as 8-bit RGB)
+    image = (torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+    batched = pipe.encode(image, ["circle", "sky"], caption="a blue circle in the sky", samples=3, seed=4)
+    # the same three noises, one at a time
+    g = torch.Generator().manual_seed(4)
+    noises = torch.randn((3, 64, 192), generator=g)
+    from conceptattention.core import ConceptAttention
+    model = pipe.model
+    x0 = pack(image[None] * 2 - 1, 8)
+    tokens, pooled = model.encode_text(["a blue circle in the sky"])
+    embeds = model.encode_concepts(["circle", "sky"])
+    singles = []
+    with torch.no_grad():
+        for n in noises:
+            x_t = 0.5 * n[None] + 0.5 * x0
+            with ConceptAttention(model.transformer, embeds, layers=[2]) as ca:
+                model.velocity(x_t, torch.tensor([0.5]), tokens, pooled)
+            singles.append(ca.token_maps()[0])
+    assert batched.settings["layers"] == [2]
+    torch.testing.assert_close(batched.token_maps.flatten(1), torch.stack(singles).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs(tiny_dir, tmp_path):
+    pipe = ShapesPipeline.from_pretrained(tiny_dir)
+    with pytest.raises(ConceptAttentionError, match="concept list is empty"):
+        pipe.generate("a red circle", [])
+    with pytest.raises(ConceptAttentionError, match="does not know 'dog'"):
+        pipe.generate("a red circle", ["dog"])
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(ConceptAttentionError, match="cannot read .*broken.png as an image"):
+        pipe.encode(bad, ["circle"])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ConceptAttentionError, match="image file is empty"):
+        pipe.encode(empty, ["circle"])
+    with pytest.raises(ConceptAttentionError, match="not found"):
+        pipe.encode(tmp_path / "missing.png", ["circle"])
+    tiny = tmp_path / "one.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    with pytest.raises(ConceptAttentionError, match="1x1 pixels"):
+        pipe.encode(tiny, ["circle"])
+    gray, rgba = tmp_path / "gray.png", tmp_path / "rgba.png"
+    Image.new("L", (30, 50), 128).save(gray)
+    Image.new("RGBA", (70, 40), (255, 0, 0, 128)).save(rgba)
+    for path in (gray, rgba):
+        assert pipe.encode(path, ["circle"]).maps.shape == (1, 64, 64)
+    with pytest.raises(ConceptAttentionError, match="no shapes model in"):
+        ShapesPipeline.from_pretrained(tmp_path)
+
+
+def test_cli_generate_encode_and_errors(tiny_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli_gen"
+    r = runner.invoke(app, ["generate", "a red circle and a blue square on grass", "--concepts", "circle", "square",
+                            "grass", "--out", str(out), "--model", str(tiny_dir), "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert np.load(out / "maps.npy").shape == (3, 64, 64)
+    for name in ("image.png", "grid.png", "result.json", "overlay_00_circle.png", "overlay_02_grass.png"):
+        assert (out / name).is_file()
+    r = runner.invoke(app, ["encode", str(out / "image.png"), "--concepts", "circle", "--caption", "a red circle",
+                            "--out", str(tmp_path / "cli_enc"), "--model", str(tiny_dir)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "cli_enc" / "result.json").read_text())["mode"] == "encode"
+    r = runner.invoke(app, ["generate", "a red dog", "--concepts", "circle", "--model", str(tiny_dir),
+                            "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "error: the shapes model does not know 'dog'" in r.output
+    r = runner.invoke(app, ["encode", str(tmp_path / "nope.png"), "--concepts", "circle", "--model", str(tiny_dir)])
+    assert r.exit_code == 2 and "image file not found" in r.output

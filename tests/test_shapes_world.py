@@ -1,0 +1,130 @@
+"""The shapes world: geometry, colours, masks vs captions, determinism; the analytic scorer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conceptattention.shapes import scorer, world
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    s = world.sample_scenes(300, seed=123)
+    images, labels = world.render(s)
+    return s, images, labels
+
+
+def test_counts_sizes_and_placement(scenes):
+    s, _, labels = scenes
+    counts = s.present.sum(1)
+    assert counts.min() >= 1 and counts.max() <= 3
+    assert set(counts.tolist()) == {1, 2, 3}
+    r = s.radius[s.present]
+    assert r.min() >= 0.17 * 64 - 1e-4 and r.max() <= 0.28 * 64 + 1e-4
+    masks = world.object_masks(s)
+    assert (masks.sum(1) <= 1).all(), "objects overlap"
+    # every present object is visible and nothing is cut at the border (its mask has its full area)
+    for i in range(len(s)):
+        for slot in range(3):
+            if not s.present[i, slot]:
+                assert not masks[i, slot].any()
+                continue
+            rad, kind = float(s.radius[i, slot]), world.SHAPES[int(s.shape[i, slot])]
+            expected = {"circle": math.pi * rad**2, "square": (1.7 * rad) ** 2, "triangle": 0.5 * 2 * rad * 1.8 * rad}[kind]
+            area = masks[i, slot].sum().item()
+            assert abs(area - expected) <= 0.08 * expected + 8, (kind, area, expected)
+
+
+def test_triangle_points_up_and_square_is_square():
+    s = world.sample_scenes(200, seed=5, max_objects=1)
+    masks = world.object_masks(s)[:, 0]
+    for i in range(len(s)):
+        m = masks[i]
+        rows = m.sum(1)
+        ys = rows.nonzero().flatten()
+        top, bottom = rows[ys[0]].item(), rows[ys[-1]].item()
+        kind = world.SHAPES[int(s.shape[i, 0])]
+        if kind == "triangle":
+            assert top < bottom / 3
+            assert abs((ys[-1] - ys[0] + 1).item() - 1.8 * s.radius[i, 0].item()) <= 2
+        if kind == "square":
+            cols = m.sum(0).nonzero().flatten()
+            assert abs(len(ys) - len(cols)) <= 1 and top == bottom
+
+
+def test_exact_colours_and_gray_level(scenes):
+    s, images, labels = scenes
+    for i in range(40):
+        for slot in range(3):
+            if s.present[i, slot]:
+                rgb = torch.tensor(world.COLORS[world.COLOR_NAMES[int(s.color[i, slot])]]) / 255.0
+                pix = images[i][:, labels[i] == slot + 1]
+                assert torch.allclose(pix, rgb[:, None].expand_as(pix))
+        if s.background[i] == 0:
+            bg = images[i][:, labels[i] == 0]
+            assert torch.allclose(bg, torch.full_like(bg, float(s.gray_level[i])))
+            assert 0.25 <= float(s.gray_level[i]) <= 0.6
+
+
+def test_masks_match_captions(scenes):
+    s, _, labels = scenes
+    caps = world.captions(s)
+    vocab = list(world.SHAPES) + list(world.COLORS) + list(world.BACKGROUNDS) + ["background"]
+    masks = {w: world.concept_mask(s, labels, w) for w in vocab}
+    for i, cap in enumerate(caps):
+        words = set(cap.split())
+        for w in vocab:
+            present = masks[w][i].any().item()
+            if w == "background":
+                assert present  # there is always some background
+            else:
+                assert present == (w in words), (cap, w)
+        # the union of the caption's shape masks is exactly the non-background pixels
+        shapes = torch.zeros_like(labels[i], dtype=torch.bool)
+        for w in world.SHAPES:
+            shapes |= masks[w][i]
+        assert torch.equal(shapes, labels[i] > 0)
+        if int(s.background[i]) == 0:
+            assert cap.endswith("on a gray background")
+
+
+def test_single_word_captions_are_true_of_the_image():
+    s = world.sample_scenes(200, seed=9)
+    caps = world.captions(s, single_word_rate=1.0)
+    for i, cap in enumerate(caps):
+        assert len(cap.split()) == 1
+        truth = {w for pair in s.objects(i) for w in pair} | {world.BACKGROUNDS[int(s.background[i])]}
+        assert cap in truth
+
+
+def test_deterministic_and_prefix_stable():
+    a_img, a_lab = world.render(world.sample_scenes(50, seed=77))
+    b_img, b_lab = world.render(world.sample_scenes(20, seed=77))
+    assert torch.equal(a_img[:20], b_img) and torch.equal(a_lab[:20], b_lab)
+    c_img, _ = world.render(world.sample_scenes(20, seed=78))
+    assert not torch.equal(b_img, c_img)
+
+
+def test_scorer_is_right_on_rendered_images_even_with_noise():
+    s = world.sample_scenes(120, seed=2024)
+    images, _ = world.render(s)
+    noisy = (images + 0.04 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    for batch in (images, noisy):
+        exact = sum(scorer.score(batch[i], s.objects(i)).exact for i in range(len(s)))
+        assert exact / len(s) >= 0.95
+
+
+def test_scorer_catches_wrong_shapes_and_colours():
+    s = world.sample_scenes(30, seed=11, max_objects=1)
+    images, _ = world.render(s)
+    for i in range(len(s)):
+        color, shape = s.objects(i)[0]
+        other_shape = next(x for x in world.SHAPES if x != shape)
+        other_color = next(x for x in world.COLORS if x != color)
+        assert scorer.score(images[i], [(color, shape)]).shapes_right == 1
+        wrong = scorer.score(images[i], [(color, other_shape)])
+        assert wrong.colors_right == 1 and wrong.shapes_right == 0 and not wrong.exact
+        assert scorer.score(images[i], [(other_color, shape)]).colors_right == 0
