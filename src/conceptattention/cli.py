@@ -111,6 +111,28 @@ def train_shapes(
     typer.echo(f"weights: {weights}")
 
 
+@app.command("shapes-benchmark")
+def shapes_benchmark(
+    out: Path = typer.Option(Path("runs/shapes-benchmark"), "--out", "-o"),
+    model: str = typer.Option("shapes", help=MODEL_HELP),
+    images: int = typer.Option(500, help="held-out images for the map metrics"),
+    sample_images: int = typer.Option(500, help="held-out captions generated and scored (0: skip)"),
+    guidance: float = typer.Option(4.0),
+    device: str = typer.Option("cpu"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Held-out report of the shapes model: sample quality and every readout's map quality."""
+    from .pipelines import load_pipeline
+    from .shapes import benchmark
+
+    try:
+        pipe = load_pipeline(model, device=device)
+        benchmark.run(pipe, out, images=images, sample_images=sample_images, guidance=guidance, progress=not quiet)
+    except ConceptAttentionError as err:
+        _fail(err)
+    typer.echo((out / "shapes_benchmark.md").read_text())
+
+
 def main() -> None:
     try:
         app()

@@ -6,10 +6,22 @@ from .result import ConceptResult
 __all__ = ["ConceptResult", "load_image", "open_image", "load_pipeline"]
 
 
-def load_pipeline(model: str = "shapes", device: str = "cpu"):
-    """The pipeline for ``model``: "shapes" (built in) or a directory of shapes weights."""
+def load_pipeline(model: str = "shapes", device: str | None = None, torch_dtype=None, offload: str | None = None):
+    """The pipeline for ``model``.
+
+    "shapes" is the built-in model; a directory holding ``model.safetensors`` + ``config.json`` is a
+    shapes model written by ``train-shapes``; anything else is a diffusers FLUX.1 or SD3/SD3.5 model
+    (hub id or local directory).
+    """
+    from pathlib import Path
+
     from .shapes import ShapesPipeline
 
     if model in ("shapes", "", None):
-        return ShapesPipeline.from_pretrained(device=device)
-    return ShapesPipeline.from_pretrained(model, device=device)
+        return ShapesPipeline.from_pretrained(device=device or "cpu")
+    local = Path(model)
+    if (local / "model.safetensors").is_file() and (local / "config.json").is_file():
+        return ShapesPipeline.from_pretrained(local, device=device or "cpu")
+    from .mmdit import MMDiTPipeline
+
+    return MMDiTPipeline.from_pretrained(model, torch_dtype=torch_dtype, device=device, offload=offload)

@@ -60,3 +60,10 @@ def load_image(source: Any, size: tuple[int, int]) -> torch.Tensor:
     if img.size != tuple(size):
         img = img.resize(size, Image.BICUBIC)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def noise_samples(shape: tuple[int, ...], samples: int, seed: int) -> torch.Tensor:
+    """``[samples, *shape]`` standard normal noise; draw i comes from seed + i alone (CPU generator),
+    so S batched draws are exactly the draws of S single runs with seeds seed .. seed + S - 1."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + i))
+                        for i in range(samples)])

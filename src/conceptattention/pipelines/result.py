@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -53,3 +54,27 @@ class ConceptResult:
         }
         written["result"].write_text(json.dumps(info, indent=2))
         return written
+
+
+def upsample(token_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[K, h, w]`` -> ``[K, H, W]`` bilinear (per-pixel sums over concepts are kept)."""
+    return F.interpolate(token_maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+
+def result_from_session(image: Image.Image, session: Any, concepts: list[str], settings: dict[str, Any],
+                        batch_index: int | None) -> ConceptResult:
+    """Maps of one image from a finished ConceptAttention session.
+
+    ``batch_index`` picks the batch item (e.g. -1: the conditional half of a guidance batch); None
+    averages over the batch (noise samples of one image).
+    """
+    size = (image.size[1], image.size[0])
+
+    def pick(maps: torch.Tensor) -> torch.Tensor:  # [B, K, h, w] -> [K, h, w]
+        return maps.mean(0) if batch_index is None else maps[batch_index]
+
+    all_maps = {name: pick(m).float().cpu() for name, m in session.all_maps().items()}
+    first = next(iter(all_maps))
+    token_maps = all_maps.pop(first)
+    return ConceptResult(image=image, maps=upsample(token_maps, size), token_maps=token_maps, concepts=concepts,
+                         settings=settings, extra_maps={k: upsample(v, size) for k, v in all_maps.items()})

@@ -6,21 +6,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..core import ConceptAttention, default_layers
 from ..errors import ConceptAttentionError
 from ..shapes.model import IMAGE, ShapesModel, pack, unpack
-from .images import load_image
-from .result import ConceptResult
+from .images import load_image, noise_samples
+from .result import ConceptResult, result_from_session, upsample as _upsample
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "shapes" / "weights"
 
 
 def upsample(token_maps: torch.Tensor, size: int = IMAGE) -> torch.Tensor:
     """``[K, h, w]`` -> ``[K, size, size]``, bilinear (keeps per-pixel sums over concepts)."""
-    return F.interpolate(token_maps[None].float(), size=(size, size), mode="bilinear", align_corners=False)[0]
+    return _upsample(token_maps, (size, size))
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -82,22 +81,34 @@ class ShapesPipeline:
         if steps < 1:
             raise ConceptAttentionError("steps must be at least 1")
         words, embeds = self._concepts(concepts)
-        tokens, pooled = self.model.encode_text(["", prompt])  # [uncond, cond]
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(1, self.model.grid ** 2, 3 * self.model.config.patch ** 2, generator=g).to(self.device)
-        times = torch.linspace(1.0, 0.0, steps + 1)
         session = self._session(embeds, layers, list(readouts), calls=map_steps)
         with session:
-            for i in range(steps):
-                t = torch.full((2,), float(times[i]), device=self.device)
-                v_uncond, v_cond = self.model.velocity(x.expand(2, -1, -1), t, tokens, pooled).chunk(2)
-                v = v_uncond + guidance * (v_cond - v_uncond)
-                x = x + (times[i + 1] - times[i]) * v
-        image = to_pil(unpack(x, self.model.config.patch)[0] * 0.5 + 0.5)
+            images = self.sample([prompt], [seed], steps=steps, guidance=guidance)
+        image = to_pil(images[0])
         settings = {"model": self.name, "mode": "generate", "prompt": prompt, "steps": steps, "guidance": guidance,
                     "seed": seed, "layers": list(session.layers), "map_steps": map_steps,
                     "readout": readouts[0]}
-        return self._result(image, session, words, settings, batch_index=1)
+        return result_from_session(image, session, words, settings, batch_index=-1)
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20, guidance: float = 4.0) -> torch.Tensor:
+        """Images ``[N, 3, 64, 64]`` in [0, 1] for prompts, seed i's noise for prompt i (one batched run).
+
+        One transformer call per step on the batch ``[unconditional x N, conditional x N]``.
+        """
+        if steps < 1:
+            raise ConceptAttentionError("steps must be at least 1")
+        n, tokens_per_image = len(prompts), self.model.grid ** 2
+        channels = 3 * self.model.config.patch ** 2
+        tokens, pooled = self.model.encode_text([""] * n + list(prompts))
+        x = torch.cat([torch.randn(1, tokens_per_image, channels, generator=torch.Generator().manual_seed(int(s)))
+                       for s in seeds]).to(self.device)
+        times = torch.linspace(1.0, 0.0, steps + 1)
+        for i in range(steps):
+            t = torch.full((2 * n,), float(times[i]), device=self.device)
+            v_uncond, v_cond = self.model.velocity(torch.cat([x, x]), t, tokens, pooled).chunk(2)
+            x = x + (times[i + 1] - times[i]) * (v_uncond + guidance * (v_cond - v_uncond))
+        return (unpack(x, self.model.config.patch) * 0.5 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
     def encode(
@@ -120,8 +131,7 @@ class ShapesPipeline:
         words, embeds = self._concepts(concepts)
         pixels = load_image(image, size=(IMAGE, IMAGE)).to(self.device)  # [3, 64, 64] in [0, 1]
         x0 = pack(pixels[None] * 2 - 1, self.model.config.patch)
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.randn((samples, *x0.shape[1:]), generator=g).to(self.device)
+        noise = noise_samples(x0.shape[1:], samples, seed).to(self.device)
         x_t = t * noise + (1 - t) * x0
         tokens, pooled = self.model.encode_text([caption] * samples)
         session = self._session(embeds, layers, list(readouts))
@@ -131,20 +141,4 @@ class ShapesPipeline:
             )
         settings = {"model": self.name, "mode": "encode", "caption": caption, "t": t, "samples": samples,
                     "seed": seed, "layers": list(session.layers), "readout": readouts[0]}
-        return self._result(to_pil(pixels), session, words, settings, batch_index=None)
-
-    def _result(self, image, session, words, settings, batch_index) -> ConceptResult:
-        def pick(maps: torch.Tensor) -> torch.Tensor:  # [B, K, h, w] -> [K, h, w]
-            return maps.mean(0) if batch_index is None else maps[batch_index]
-
-        all_maps = {name: pick(m).float().cpu() for name, m in session.all_maps().items()}
-        first = next(iter(all_maps))
-        token_maps = all_maps.pop(first)
-        return ConceptResult(
-            image=image,
-            maps=upsample(token_maps),
-            token_maps=token_maps,
-            concepts=words,
-            settings=settings,
-            extra_maps={name: upsample(m) for name, m in all_maps.items()},
-        )
+        return result_from_session(to_pil(pixels), session, words, settings, batch_index=None)

@@ -1,0 +1,1 @@
+"""Zero-shot segmentation evaluation: metrics (and, later, datasets, methods and the runner)."""

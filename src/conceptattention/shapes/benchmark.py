@@ -1,0 +1,141 @@
+"""The shapes benchmark: do samples follow their captions, and do the maps find each word?
+
+Held-out images come from ``HELDOUT_SEED`` (never trained on); settings such as the layers read
+and the guidance scale are chosen on a separate validation seed, never on the held-out set.
+
+- Sample quality: each held-out caption is generated once (seed = its index) and judged by the
+  analytic scorer: per-object colour and shape accuracy, and the share of exactly right images.
+- Map quality: each held-out image is encoded with its caption (noise at ``t``, ``samples`` noise
+  draws averaged) and the concepts ``CONCEPTS`` (every shape, colour and background word). For each
+  word that is true of the image, the map is min-max normalised and thresholded at its mean and
+  scored against the word's exact mask (pixel accuracy, fg/bg mIoU, mAP; sums over the dataset).
+  ``shape_pick``: in images with two objects of different shapes, the share of object pixels where
+  the larger of the two shape words' maps names the right shape (chance: 50%).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from ..core import ConceptAttention
+from ..eval.metrics import BinarySegmentation, mean_threshold
+from ..readouts import READOUTS
+from . import scorer, world
+from .model import pack
+from .train import HELDOUT_SEED
+
+VALIDATION_SEED = 31_337
+CONCEPTS: tuple[str, ...] = (*world.SHAPES, *world.COLOR_NAMES, *world.BACKGROUNDS, "background")
+
+
+def sample_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, steps: int = 20, guidance: float = 4.0,
+                   batch: int = 100, progress: bool = True) -> dict:
+    """Generate one image per caption of n scenes and judge them with the analytic scorer."""
+    scenes = world.sample_scenes(n, seed)
+    captions = world.captions(scenes)
+    objects = colors = shapes = exact = 0
+    for start in tqdm(range(0, n, batch), desc="samples", disable=not progress):
+        idx = list(range(start, min(n, start + batch)))
+        images = pipe.sample([captions[i] for i in idx], idx, steps=steps, guidance=guidance)
+        for j, i in enumerate(idx):
+            s = scorer.score(images[j].cpu(), scenes.objects(i))
+            objects, colors, shapes, exact = objects + s.objects, colors + s.colors_right, shapes + s.shapes_right, exact + s.exact
+    return {"images": n, "objects": objects, "color_accuracy": colors / objects, "shape_accuracy": shapes / objects,
+            "exact_images": exact / n, "steps": steps, "guidance": guidance, "seed": seed}
+
+
+@torch.no_grad()
+def map_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, readouts: Sequence[str] = tuple(READOUTS),
+                layers: Sequence[int] | None = None, t: float = 0.5, samples: int = 4, batch: int = 50,
+                progress: bool = True) -> dict:
+    """Segment held-out images with every readout in one pass per batch; metrics per readout."""
+    from ..pipelines.shapes import upsample
+
+    model, device = pipe.model, pipe.device
+    scenes = world.sample_scenes(n, seed)
+    images, labels = world.render(scenes)
+    captions = world.captions(scenes)
+    embeds = model.encode_concepts(list(CONCEPTS))
+    layers = list(layers) if layers else list(pipe.default_layers)
+    seg = {name: BinarySegmentation() for name in readouts}
+    pick = {name: [0, 0] for name in readouts}  # right, total
+    word_masks = {w: world.concept_mask(scenes, labels, w) for w in CONCEPTS}
+    for start in tqdm(range(0, n, batch), desc="maps", disable=not progress):
+        idx = list(range(start, min(n, start + batch)))
+        b = len(idx)
+        x0 = pack(images[idx].to(device) * 2 - 1, model.config.patch)  # [b, N, C]
+        noise = torch.stack([torch.randn(samples, *x0.shape[1:], generator=torch.Generator().manual_seed(seed * 7 + i))
+                             for i in idx]).to(device)  # [b, S, N, C]
+        x_t = (t * noise + (1 - t) * x0[:, None]).flatten(0, 1)
+        tokens, pooled = model.encode_text([captions[i] for i in idx for _ in range(samples)])
+        with ConceptAttention(model.transformer, embeds, layers=layers, readouts=list(readouts)) as session:
+            session.forward_until_last_layer(
+                **model.transformer_inputs(x_t, torch.full((b * samples,), t, device=device), tokens, pooled))
+        for name in readouts:
+            maps = session.maps(name).view(b, samples, len(CONCEPTS), *session.grid()).mean(1).cpu()
+            full = torch.stack([upsample(m) for m in maps])  # [b, K, 64, 64]
+            for j, i in enumerate(idx):
+                words = set(captions[i].split()) | {"background"}
+                for k, word in enumerate(CONCEPTS):
+                    if word in words:
+                        seg[name].add(mean_threshold(full[j, k]), word_masks[word][i], scores=full[j, k])
+                objs = scenes.objects(i)
+                if len(objs) == 2 and objs[0][1] != objs[1][1]:
+                    ka, kb = CONCEPTS.index(objs[0][1]), CONCEPTS.index(objs[1][1])
+                    says_a = full[j, ka] > full[j, kb]
+                    for slot, is_a in ((1, True), (2, False)):  # label 1 = first present slot
+                        region = labels[i] == slot
+                        pick[name][0] += int((says_a[region] == is_a).sum())
+                        pick[name][1] += int(region.sum())
+    out = {}
+    for name in readouts:
+        right, total = pick[name]
+        out[name] = {**seg[name].result(), "shape_pick": right / total if total else float("nan"),
+                     "shape_pick_pixels": total}
+    return {"images": n, "seed": seed, "layers": layers, "t": t, "samples": samples,
+            "concepts": list(CONCEPTS), "readouts": out}
+
+
+def choose_layers(pipe, candidates: Sequence[Sequence[int]], n: int = 200, progress: bool = True) -> tuple[list[int], dict]:
+    """The candidate layer set with the best ConceptAttention mIoU on the validation seed."""
+    scores = {}
+    for layers in candidates:
+        r = map_quality(pipe, n, VALIDATION_SEED, readouts=["concept_attention"], layers=layers, progress=progress)
+        scores[",".join(map(str, layers))] = r["readouts"]["concept_attention"]["miou"]
+    best = max(scores, key=scores.get)
+    return [int(x) for x in best.split(",")], scores
+
+
+def markdown_table(maps: dict, samples: dict | None = None) -> str:
+    lines = []
+    if samples:
+        lines += ["| samples | images | objects | colours right | shapes right | exact images |", "|---|---|---|---|---|---|",
+                  f"| steps {samples['steps']}, guidance {samples['guidance']} | {samples['images']} | {samples['objects']} | "
+                  f"{100 * samples['color_accuracy']:.1f}% | {100 * samples['shape_accuracy']:.1f}% | "
+                  f"{100 * samples['exact_images']:.1f}% |", ""]
+    lines += [f"Maps: {maps['images']} held-out images, layers {maps['layers']}, t = {maps['t']}, "
+              f"{maps['samples']} noise samples, concepts {', '.join(maps['concepts'])}.", "",
+              "| readout | pixel acc | mIoU | paper-compatible mIoU | mAP | shape pick (2 objects) |",
+              "|---|---|---|---|---|---|"]
+    for name, r in maps["readouts"].items():
+        lines.append(f"| {name} | {100 * r['pixel_accuracy']:.2f} | {100 * r['miou']:.2f} | "
+                     f"{100 * r['paper_compatible_miou']:.2f} | {100 * r['map']:.2f} | {100 * r['shape_pick']:.1f}% |")
+    return "\n".join(lines)
+
+
+def run(pipe, out: Path, images: int = 500, sample_images: int = 500, guidance: float | None = None,
+        progress: bool = True) -> dict:
+    """The full report: sample quality and map quality on the held-out set; JSON and Markdown in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples = sample_quality(pipe, sample_images, guidance=guidance or 4.0, progress=progress) if sample_images else None
+    maps = map_quality(pipe, images, progress=progress)
+    report = {"samples": samples, "maps": maps}
+    (out / "shapes_benchmark.json").write_text(json.dumps(report, indent=2))
+    (out / "shapes_benchmark.md").write_text(markdown_table(maps, samples) + "\n")
+    return report
