@@ -5,7 +5,9 @@ machine noise hits both sides alike; the reported ratio is median(ours) / median
 
 - ``forward``: one full transformer forward with K concepts vs without;
 - ``real_image_pass``: the pass a real image needs (stop after the last read double-stream block)
-  with K concepts vs the same plain blocks alone.
+  with K concepts, vs the same plain blocks alone and vs a plain pass through all double blocks;
+- ``encode_throughput``: images per second of that pass with 5 noise draws per image batched;
+- on CUDA, peak memory with vs without maps for both passes.
 
     python benchmarks/overhead.py                      # CPU, mid-size random Flux (the CI-size check)
     python benchmarks/overhead.py --config flux-schnell --device cuda --dtype bfloat16   # GPU, full size
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--concepts", type=int, default=10, help="concepts for the full forward")
     parser.add_argument("--image-concepts", type=int, default=7, help="concepts for the real-image pass")
+    parser.add_argument("--samples", type=int, default=5, help="noise draws per image for the encode throughput")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -164,11 +167,21 @@ def main() -> None:
                 image_session.forward_until_last_layer(**inputs)
             image_session.reset()
 
+        # encode throughput: one image, 5 noise draws batched, the real-image pass with 7 concepts
+        batch_inputs = make_inputs(cfg, args.device, dtype, batch=args.samples)
+
+        def encode_batch():
+            with image_session:
+                image_session.forward_until_last_layer(**batch_inputs)
+            image_session.reset()
+
         fns = {
             "plain_forward": lambda: model(**inputs),
             **{f"forward_{k}": fn for k, fn in cases.items()},
             "plain_image_pass": lambda: plain_until(model, last_read, inputs),
+            "plain_all_double_blocks": lambda: plain_until(model, n_blocks - 1, inputs),
             "image_pass": ours_image,
+            "encode_one_image": encode_batch,
         }
         alternate(fns, args.warmup, args.device)
         times = alternate(fns, args.repeats, args.device)
@@ -184,13 +197,24 @@ def main() -> None:
         results["real_image_pass"] = {
             "concepts": args.image_concepts,
             "layers": list(image_session.layers),
-            "ratio": med["image_pass"] / med["plain_image_pass"],
+            "ratio_vs_plain_same_blocks": med["image_pass"] / med["plain_image_pass"],
+            "ratio_vs_plain_all_double_blocks": med["image_pass"] / med["plain_all_double_blocks"],
+        }
+        results["encode_throughput"] = {
+            "noise_samples_per_image": args.samples,
+            "images_per_second": 1.0 / med["encode_one_image"],
+            "note": "transformer pass only (VAE encode and text encoding excluded)",
         }
         if args.device.startswith("cuda"):
             plain_peak = peak_memory(lambda: model(**inputs), args.device)
             ours_peak = peak_memory(cases["all_double_layers"], args.device)
-            results["peak_memory_bytes"] = {"plain": plain_peak, "with_maps": ours_peak,
-                                            "ratio": ours_peak / plain_peak}
+            plain_image_peak = peak_memory(lambda: plain_until(model, last_read, inputs), args.device)
+            ours_image_peak = peak_memory(ours_image, args.device)
+            results["peak_memory_bytes"] = {
+                "forward": {"plain": plain_peak, "with_maps": ours_peak, "ratio": ours_peak / plain_peak},
+                "real_image_pass": {"plain": plain_image_peak, "with_maps": ours_image_peak,
+                                    "ratio": ours_image_peak / plain_image_peak},
+            }
     print(json.dumps(results, indent=2))
 
 

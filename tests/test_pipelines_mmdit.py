@@ -163,3 +163,28 @@ def test_saved_tiny_pipeline_loads_from_a_directory(tmp_path):
     assert isinstance(loaded, MMDiTPipeline) and loaded.family == "flux"
     res = loaded.encode(torch.rand(3, 32, 32), ["dog"], size=(32, 32), samples=1)
     assert res.maps.shape == (1, 32, 32)
+
+
+def test_cli_runs_a_local_flux_directory(tmp_path):
+    from typer.testing import CliRunner
+
+    from conceptattention.cli import app
+
+    tiny_flux_pipeline().save_pretrained(tmp_path / "tiny-flux")
+    runner = CliRunner()
+    out = tmp_path / "gen"
+    r = runner.invoke(app, ["generate", "a dog on grass", "--concepts", "dog", "grass", "--model",
+                            str(tmp_path / "tiny-flux"), "--height", "32", "--width", "48", "--steps", "2",
+                            "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    maps = np.load(out / "maps.npy")
+    assert maps.shape == (2, 32, 48) and maps.dtype == np.float32
+    assert Image.open(out / "image.png").size == (48, 32)
+    r = runner.invoke(app, ["encode", str(out / "image.png"), "--concepts", "dog", "--caption", "a dog",
+                            "--model", str(tmp_path / "tiny-flux"), "--size", "48x32", "--samples", "2",
+                            "--out", str(tmp_path / "enc"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "enc" / "maps.npy").shape == (1, 32, 48)
+    r = runner.invoke(app, ["encode", str(out / "image.png"), "--concepts", "dog", "--model",
+                            str(tmp_path / "tiny-flux"), "--size", "big"])
+    assert r.exit_code == 2 and "--size must look like 1024x768" in r.output

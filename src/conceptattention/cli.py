@@ -12,7 +12,33 @@ from .errors import ConceptAttentionError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ConceptAttention saliency maps for diffusion transformers.")
 
-MODEL_HELP = "'shapes' (built in, offline) or a directory of shapes-model weights"
+MODEL_HELP = ("'shapes' (built in, offline), a directory written by train-shapes, or a FLUX.1 / SD3 / SD3.5 "
+              "diffusers model: hub id or local directory")
+DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _load(model: str, device: str, dtype: str, offload: str | None):
+    import torch
+
+    from .pipelines import load_pipeline
+
+    if dtype not in DTYPES:
+        raise ConceptAttentionError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    torch_dtype = getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else None
+    return load_pipeline(model, device=device, torch_dtype=torch_dtype, offload=offload)
+
+
+def _real_model_options(pipe, **options):
+    """Options that only diffusers models take; a clear error if given for the shapes model."""
+    given = {k: v for k, v in options.items() if v is not None}
+    from .pipelines.shapes import ShapesPipeline
+
+    if isinstance(pipe, ShapesPipeline) and given:
+        raise ConceptAttentionError(
+            f"{', '.join('--' + k.replace('_', '-') for k in given)} only apply to FLUX.1 / SD3 models; "
+            "the shapes model works at 64x64"
+        )
+    return given
 LAYERS_HELP = "double-stream blocks to read, e.g. --layers 2 --layers 3 (default: the model's)"
 
 
@@ -41,20 +67,24 @@ def generate(
     concepts: List[str] = typer.Option(..., "--concepts", "-c", help="concept words (several after one flag)"),
     out: Path = typer.Option(Path("runs/generate"), "--out", "-o", help="output directory"),
     model: str = typer.Option("shapes", help=MODEL_HELP),
-    steps: int = typer.Option(20, help="denoising steps"),
-    guidance: float = typer.Option(4.0, help="classifier-free guidance scale"),
+    steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's; shapes 20)"),
+    guidance: Optional[float] = typer.Option(None, help="guidance scale (default: the model's; shapes 4.0)"),
     seed: int = typer.Option(0),
     layers: Optional[List[int]] = typer.Option(None, "--layers", help=LAYERS_HELP),
+    height: Optional[int] = typer.Option(None, help="image height (FLUX.1 / SD3 only)"),
+    width: Optional[int] = typer.Option(None, help="image width (FLUX.1 / SD3 only)"),
     device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16"),
+    offload: Optional[str] = typer.Option(None, help="'model' or 'sequential' CPU offload (FLUX.1 / SD3)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Generate an image from PROMPT and one saliency map per concept."""
-    from .pipelines import load_pipeline
-
     try:
         words = _concepts(list(concepts) + list(ctx.args))
-        pipe = load_pipeline(model, device=device)
-        result = pipe.generate(prompt, words, steps=steps, guidance=guidance, seed=seed, layers=layers)
+        pipe = _load(model, device, dtype, offload)
+        extra = _real_model_options(pipe, height=height, width=width)
+        extra.update({k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None})
+        result = pipe.generate(prompt, words, seed=seed, layers=layers, **extra)
         _report(result, out, quiet)
     except ConceptAttentionError as err:
         _fail(err)
@@ -72,16 +102,25 @@ def encode(
     samples: int = typer.Option(4, help="noise samples averaged (batched in one pass)"),
     seed: int = typer.Option(0),
     layers: Optional[List[int]] = typer.Option(None, "--layers", help=LAYERS_HELP),
+    size: Optional[str] = typer.Option(None, help="WIDTHxHEIGHT fed to the model (FLUX.1 / SD3 only)"),
     device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16"),
+    offload: Optional[str] = typer.Option(None, help="'model' or 'sequential' CPU offload (FLUX.1 / SD3)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Saliency maps of the concepts in a real IMAGE."""
-    from .pipelines import load_pipeline
-
     try:
         words = _concepts(list(concepts) + list(ctx.args))
-        pipe = load_pipeline(model, device=device)
-        result = pipe.encode(image, words, caption=caption, t=t, samples=samples, seed=seed, layers=layers)
+        pipe = _load(model, device, dtype, offload)
+        parsed = None
+        if size is not None:
+            try:
+                parsed = tuple(int(v) for v in size.lower().split("x"))
+                assert len(parsed) == 2 and min(parsed) > 0
+            except (ValueError, AssertionError):
+                raise ConceptAttentionError(f"--size must look like 1024x768, not {size!r}") from None
+        extra = _real_model_options(pipe, size=parsed)
+        result = pipe.encode(image, words, caption=caption, t=t, samples=samples, seed=seed, layers=layers, **extra)
         _report(result, out, quiet)
     except ConceptAttentionError as err:
         _fail(err)
@@ -123,10 +162,13 @@ def shapes_benchmark(
 ) -> None:
     """Held-out report of the shapes model: sample quality and every readout's map quality."""
     from .pipelines import load_pipeline
+    from .pipelines.shapes import ShapesPipeline
     from .shapes import benchmark
 
     try:
         pipe = load_pipeline(model, device=device)
+        if not isinstance(pipe, ShapesPipeline):
+            raise ConceptAttentionError("shapes-benchmark measures a shapes model; pass 'shapes' or a train-shapes directory")
         benchmark.run(pipe, out, images=images, sample_images=sample_images, guidance=guidance, progress=not quiet)
     except ConceptAttentionError as err:
         _fail(err)
