@@ -27,7 +27,7 @@ HELDOUT_SEED = 20250204  # the benchmark's seed; training seeds are derived to n
 
 @dataclass
 class TrainConfig:
-    steps: int = 5000
+    steps: int = 3800
     batch: int = 64
     lr: float = 6e-4
     warmup: int = 300
