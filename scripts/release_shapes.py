@@ -49,11 +49,11 @@ def main() -> None:
     shutil.copy(a.run / "weights" / "model.safetensors", WEIGHTS_DIR / "model.safetensors")
     meta = json.loads((a.run / "weights" / "config.json").read_text())
     meta["config"]["map_layers"] = layers
-    meta["default_guidance"] = guidance
+    meta["config"]["default_guidance"] = guidance
     (WEIGHTS_DIR / "config.json").write_text(json.dumps(meta, indent=2))
 
     shipped = ShapesPipeline.from_pretrained()
-    report = benchmark.run(shipped, a.run / "heldout", images=a.images, sample_images=a.images, guidance=guidance)
+    report = benchmark.run(shipped, a.run / "heldout", images=a.images, sample_images=a.images)
     validation = {"seed": benchmark.VALIDATION_SEED, "images": a.validation_images,
                   "concept_attention_miou_by_layers": layer_scores,
                   "colour_plus_shape_accuracy_by_guidance": guidance_scores}

@@ -68,7 +68,7 @@ def generate(
     out: Path = typer.Option(Path("runs/generate"), "--out", "-o", help="output directory"),
     model: str = typer.Option("shapes", help=MODEL_HELP),
     steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's; shapes 20)"),
-    guidance: Optional[float] = typer.Option(None, help="guidance scale (default: the model's; shapes 4.0)"),
+    guidance: Optional[float] = typer.Option(None, help="guidance scale (default: the model's)"),
     seed: int = typer.Option(0),
     layers: Optional[List[int]] = typer.Option(None, "--layers", help=LAYERS_HELP),
     height: Optional[int] = typer.Option(None, help="image height (FLUX.1 / SD3 only)"),
@@ -156,7 +156,7 @@ def shapes_benchmark(
     model: str = typer.Option("shapes", help=MODEL_HELP),
     images: int = typer.Option(500, help="held-out images for the map metrics"),
     sample_images: int = typer.Option(500, help="held-out captions generated and scored (0: skip)"),
-    guidance: float = typer.Option(4.0),
+    guidance: Optional[float] = typer.Option(None, help="default: the model's"),
     device: str = typer.Option("cpu"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:

@@ -68,7 +68,7 @@ class ShapesPipeline:
         concepts: Sequence[str],
         *,
         steps: int = 20,
-        guidance: float = 4.0,
+        guidance: float | None = None,
         seed: int = 0,
         layers: Sequence[int] | None = None,
         map_steps: Sequence[int] | None = None,
@@ -81,6 +81,7 @@ class ShapesPipeline:
         if steps < 1:
             raise ConceptAttentionError("steps must be at least 1")
         words, embeds = self._concepts(concepts)
+        guidance = self.model.config.default_guidance if guidance is None else guidance
         session = self._session(embeds, layers, list(readouts), calls=map_steps)
         with session:
             images = self.sample([prompt], [seed], steps=steps, guidance=guidance)
@@ -91,13 +92,15 @@ class ShapesPipeline:
         return result_from_session(image, session, words, settings, batch_index=-1)
 
     @torch.no_grad()
-    def sample(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20, guidance: float = 4.0) -> torch.Tensor:
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20,
+               guidance: float | None = None) -> torch.Tensor:
         """Images ``[N, 3, 64, 64]`` in [0, 1] for prompts, seed i's noise for prompt i (one batched run).
 
         One transformer call per step on the batch ``[unconditional x N, conditional x N]``.
         """
         if steps < 1:
             raise ConceptAttentionError("steps must be at least 1")
+        guidance = self.model.config.default_guidance if guidance is None else guidance
         n, tokens_per_image = len(prompts), self.model.grid ** 2
         channels = 3 * self.model.config.patch ** 2
         tokens, pooled = self.model.encode_text([""] * n + list(prompts))

@@ -33,7 +33,7 @@ VALIDATION_SEED = 31_337
 CONCEPTS: tuple[str, ...] = (*world.SHAPES, *world.COLOR_NAMES, *world.BACKGROUNDS, "background")
 
 
-def sample_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, steps: int = 20, guidance: float = 4.0,
+def sample_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, steps: int = 20, guidance: float | None = None,
                    batch: int = 100, progress: bool = True) -> dict:
     """Generate one image per caption of n scenes and judge them with the analytic scorer."""
     scenes = world.sample_scenes(n, seed)
@@ -45,8 +45,9 @@ def sample_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, steps: int = 20, g
         for j, i in enumerate(idx):
             s = scorer.score(images[j].cpu(), scenes.objects(i))
             objects, colors, shapes, exact = objects + s.objects, colors + s.colors_right, shapes + s.shapes_right, exact + s.exact
+    used = pipe.model.config.default_guidance if guidance is None else guidance
     return {"images": n, "objects": objects, "color_accuracy": colors / objects, "shape_accuracy": shapes / objects,
-            "exact_images": exact / n, "steps": steps, "guidance": guidance, "seed": seed}
+            "exact_images": exact / n, "steps": steps, "guidance": used, "seed": seed}
 
 
 @torch.no_grad()
@@ -133,7 +134,7 @@ def run(pipe, out: Path, images: int = 500, sample_images: int = 500, guidance: 
     """The full report: sample quality and map quality on the held-out set; JSON and Markdown in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    samples = sample_quality(pipe, sample_images, guidance=guidance or 4.0, progress=progress) if sample_images else None
+    samples = sample_quality(pipe, sample_images, guidance=guidance, progress=progress) if sample_images else None
     maps = map_quality(pipe, images, progress=progress)
     report = {"samples": samples, "maps": maps}
     (out / "shapes_benchmark.json").write_text(json.dumps(report, indent=2))

@@ -67,6 +67,8 @@ class ShapesConfig:
     vocab: tuple[str, ...] = field(default_factory=lambda: VOCAB)
     #: Double-stream blocks read for maps by default (None: the core's depth-scaled default).
     map_layers: tuple[int, ...] | None = None
+    #: Classifier-free guidance scale used by default when sampling.
+    default_guidance: float = 4.0
 
     def transformer_kwargs(self) -> dict:
         return dict(
