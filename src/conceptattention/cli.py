@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from .errors import ConceptAttentionError
+from .pipelines.shapes import ShapesPipeline
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ConceptAttention saliency maps for diffusion transformers.")
 
@@ -31,8 +32,6 @@ def _load(model: str, device: str, dtype: str, offload: str | None):
 def _real_model_options(pipe, **options):
     """Options that only diffusers models take; a clear error if given for the shapes model."""
     given = {k: v for k, v in options.items() if v is not None}
-    from .pipelines.shapes import ShapesPipeline
-
     if isinstance(pipe, ShapesPipeline) and given:
         raise ConceptAttentionError(
             f"{', '.join('--' + k.replace('_', '-') for k in given)} only apply to FLUX.1 / SD3 models; "
@@ -84,6 +83,8 @@ def generate(
         pipe = _load(model, device, dtype, offload)
         extra = _real_model_options(pipe, height=height, width=width)
         extra.update({k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None})
+        if not isinstance(pipe, ShapesPipeline):
+            extra["progress"] = not quiet
         result = pipe.generate(prompt, words, seed=seed, layers=layers, **extra)
         _report(result, out, quiet)
     except ConceptAttentionError as err:
@@ -162,7 +163,6 @@ def shapes_benchmark(
 ) -> None:
     """Held-out report of the shapes model: sample quality and every readout's map quality."""
     from .pipelines import load_pipeline
-    from .pipelines.shapes import ShapesPipeline
     from .shapes import benchmark
 
     try:

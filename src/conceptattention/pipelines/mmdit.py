@@ -173,9 +173,11 @@ class MMDiTPipeline:
         map_steps: Sequence[int] | None = None,
         readouts: Sequence[str] = ("concept_attention",),
         concept_tokens: str = "first",
+        progress: bool = True,
         **pipeline_kwargs: Any,
     ) -> ConceptResult:
         """Text -> image with the stock pipeline, plus one map per concept for the generated image."""
+        self.pipe.set_progress_bar_config(disable=not progress)
         embeds = self.encode_concepts(concepts, concept_tokens)
         kwargs: dict[str, Any] = dict(pipeline_kwargs)
         for key, value in (("height", height), ("width", width), ("num_inference_steps", steps),
