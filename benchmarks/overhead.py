@@ -125,7 +125,14 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     cfg = CONFIGS[args.config]
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(**cfg["model"]).to(args.device, dtype).eval()
+    # Built directly on the target device in the target dtype (full size: 12B parameters).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(args.device):
+            model = FluxTransformer2DModel(**cfg["model"]).eval()
+    finally:
+        torch.set_default_dtype(previous)
     inputs = make_inputs(cfg, args.device, dtype)
     text_dim = cfg["model"]["joint_attention_dim"]
     n_blocks = cfg["model"]["num_layers"]
