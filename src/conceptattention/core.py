@@ -179,6 +179,8 @@ class ConceptAttention:
         self._temb: torch.Tensor | None = None
         self._rope: Any = None
         self._image_rope: Any = None
+        self._mask: torch.Tensor | None = None
+        self._mask_for: tuple[int, torch.device] | None = None
         self._hidden: torch.Tensor | None = None
         self._capture: dict[str, torch.Tensor] = {}
         self._call_inputs: CallInputs | None = None
@@ -332,7 +334,10 @@ class ConceptAttention:
         if self._hidden is None:
             self._hidden = self._initial_hidden(batch, image_out)
         step = self.adapter.text_step(block, self._hidden, self._temb)
-        mask = stream_mask(self._streams, self.num_concepts, num_image, image_out.device)
+        if self._mask_for != (num_image, image_out.device):  # built once per call, not per block
+            self._mask = stream_mask(self._streams, self.num_concepts, num_image, image_out.device)
+            self._mask_for = (num_image, image_out.device)
+        mask = self._mask
         attended = F.scaled_dot_product_attention(
             step.query,
             torch.cat([step.key, image_key.to(step.key.dtype)], dim=2),
