@@ -152,3 +152,40 @@ def _one_call(family, t, inputs, concepts, layers, stream, space, pooled):
             enc, x = block(hidden_states=x, encoder_hidden_states=enc, temb=temb, image_rotary_emb=(cos, sin))
         else:
             enc, x = block(hidden_states=x, encoder_hidden_states=enc, temb=temb)
+
+
+@torch.no_grad()
+def reference_prompt_attention(family: str, t, inputs: dict, layers: list[int]) -> torch.Tensor:
+    """Mean over ``layers`` of softmax over prompt tokens of (image query . prompt key) / sqrt(d), mean
+    over heads: ``[B, S_text, N]``, from the joint attention's inputs recomputed by hand."""
+    hs, enc_in, pooled_in, ts = (inputs["hidden_states"], inputs["encoder_hidden_states"],
+                                 inputs["pooled_projections"], inputs["timestep"])
+    if family == "flux":
+        x = t.x_embedder(hs)
+        temb = t.time_text_embed(ts.to(x.dtype) * 1000, pooled_in)
+        cos, sin = t.pos_embed(torch.cat([inputs["txt_ids"], inputs["img_ids"]], 0))
+    else:
+        x = t.pos_embed(hs)
+        temb = t.time_text_embed(ts, pooled_in)
+        cos = sin = None
+    enc = t.context_embedder(enc_in)
+    n_txt, total = enc.shape[1], []
+    for index, block in enumerate(t.transformer_blocks[: max(layers) + 1]):
+        attn, nh = block.attn, block.attn.heads
+        nx = block.norm1(x, emb=temb)[0]
+        ne = block.norm1_context(enc, temb) if getattr(block, "context_pre_only", False) else block.norm1_context(enc, emb=temb)[0]
+        q = _maybe(attn.norm_q, heads(attn.to_q(nx), nh))
+        k = _maybe(attn.norm_k, heads(attn.to_k(nx), nh))
+        eq = _maybe(attn.norm_added_q, heads(attn.add_q_proj(ne), nh))
+        ek = _maybe(attn.norm_added_k, heads(attn.add_k_proj(ne), nh))
+        Q, K = torch.cat([eq, q], 2), torch.cat([ek, k], 2)
+        if cos is not None:
+            Q, K = rotate(Q, cos, sin), rotate(K, cos, sin)
+        if index in layers:
+            logits = Q[:, :, n_txt:].double() @ K[:, :, :n_txt].double().transpose(-1, -2) / Q.shape[-1] ** 0.5
+            total.append(logits.softmax(-1).mean(1).transpose(1, 2))  # [B, S, N]
+        if family == "flux":
+            enc, x = block(hidden_states=x, encoder_hidden_states=enc, temb=temb, image_rotary_emb=(cos, sin))
+        else:
+            enc, x = block(hidden_states=x, encoder_hidden_states=enc, temb=temb)
+    return (sum(total) / len(total)).float()

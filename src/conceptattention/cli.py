@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -51,6 +52,19 @@ def _concepts(concepts: List[str]) -> List[str]:
     if not words:
         raise ConceptAttentionError("no concepts given: pass --concepts WORD [WORD ...]")
     return words
+
+
+def _parse_size(size: str | None) -> tuple[int, int] | None:
+    """'1024x768' -> (1024, 768)."""
+    if size is None:
+        return None
+    try:
+        parsed = tuple(int(v) for v in size.lower().split("x"))
+    except ValueError:
+        parsed = ()
+    if len(parsed) != 2 or min(parsed) < 1:
+        raise ConceptAttentionError(f"--size must look like 1024x768, not {size!r}")
+    return parsed
 
 
 def _report(result, out: Path, quiet: bool) -> None:
@@ -113,14 +127,7 @@ def encode(
     try:
         words = _concepts(list(concepts) + list(ctx.args))
         pipe = _load(model, device, dtype, offload)
-        parsed = None
-        if size is not None:
-            try:
-                parsed = tuple(int(v) for v in size.lower().split("x"))
-                assert len(parsed) == 2 and min(parsed) > 0
-            except (ValueError, AssertionError):
-                raise ConceptAttentionError(f"--size must look like 1024x768, not {size!r}") from None
-        extra = _real_model_options(pipe, size=parsed)
+        extra = _real_model_options(pipe, size=_parse_size(size))
         result = pipe.encode(image, words, caption=caption, t=t, samples=samples, seed=seed, layers=layers, **extra)
         _report(result, out, quiet)
     except ConceptAttentionError as err:
@@ -132,7 +139,11 @@ def train_shapes(
     out: Path = typer.Option(..., "--out", "-o", help="run directory (checkpoint, log, exported weights)"),
     steps: int = typer.Option(None, help="total steps (default: the shipped model's)"),
     batch: int = typer.Option(None, help="batch size (default: the shipped model's)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="data/noise seed (use a new one when continuing from weights)"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (default: the shipped model's)"),
+    warmup: Optional[int] = typer.Option(None, help="warm-up steps (default: the shipped model's)"),
+    init_from: Optional[str] = typer.Option(
+        None, "--init-from", help="continue from existing weights: 'shapes' (shipped) or a weights directory"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     max_seconds: Optional[float] = typer.Option(None, help="stop (with a checkpoint) after this long"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -145,8 +156,9 @@ def train_shapes(
     cfg = TrainConfig(seed=seed)
     if steps is not None:
         cfg = replace(cfg, steps=steps)
-    if batch is not None:
-        cfg = replace(cfg, batch=batch)
+    for name, value in (("batch", batch), ("lr", lr), ("warmup", warmup), ("init_from", init_from)):
+        if value is not None:
+            cfg = replace(cfg, **{name: value})
     weights = train(out, cfg, device=device, progress=not quiet, max_seconds=max_seconds)
     typer.echo(f"weights: {weights}")
 
@@ -173,6 +185,60 @@ def shapes_benchmark(
     except ConceptAttentionError as err:
         _fail(err)
     typer.echo((out / "shapes_benchmark.md").read_text())
+
+
+@app.command("eval")
+def eval_command(
+    dataset: str = typer.Option("shapes", "--dataset", "-d", help="shapes, imagenet-seg, voc-single or voc-multi"),
+    method: List[str] = typer.Option(["all"], "--method", "-m",
+                                     help="'all', or method names (repeat the flag or separate by commas)"),
+    model: str = typer.Option("shapes", help=MODEL_HELP),
+    data: Optional[Path] = typer.Option(None, help="gtsegs_ijcv.mat (imagenet-seg) or the VOCdevkit folder (voc-*)"),
+    class_map: Optional[Path] = typer.Option(None, help="JSON: WordNet id or lemma -> concept word (imagenet-seg)"),
+    out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="run folder: records (resumable), results.json/.md"),
+    limit: Optional[int] = typer.Option(None, help="only the first N images"),
+    images: int = typer.Option(500, help="shapes: held-out images generated"),
+    t: Optional[float] = typer.Option(None, help="noise level (default 0.5)"),
+    samples: Optional[int] = typer.Option(None, help="noise draws per image (default: shapes 4, real models 5)"),
+    seed: Optional[int] = typer.Option(None, help="noise seed (image i uses seed + 1000 i)"),
+    layers: Optional[List[int]] = typer.Option(None, "--layers", help=LAYERS_HELP),
+    batch: Optional[int] = typer.Option(None, help="images per pass (default: shapes 50, real models 1)"),
+    blur: Optional[float] = typer.Option(None, help="sigma of the 3x3 Gaussian blur of token maps (0: none; "
+                                                    "default: 1 on real datasets, as the paper)"),
+    upsample: Optional[str] = typer.Option(None, help="nearest or bilinear upsampling of maps to the labels"),
+    concept_tokens: Optional[str] = typer.Option(None, help="FLUX.1 / SD3: 'first' (paper) or 'mean' of a word's tokens"),
+    size: Optional[str] = typer.Option(None, help="FLUX.1 / SD3: WIDTHxHEIGHT fed to the model (default: the "
+                                                  "model's resolution on the longer side)"),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Zero-shot segmentation benchmark: methods x dataset -> results.json and a Markdown table.
+
+    Resumable (rerun the same command), and shardable: e.g.
+    `accelerate launch --multi_gpu --num_processes 2 -m conceptattention eval ...`.
+
+    Examples:\n
+      conceptattention eval --dataset shapes --method all --out runs/eval-shapes\n
+      conceptattention eval --dataset voc-single --data VOCdevkit --model black-forest-labs/FLUX.1-schnell
+      --device cuda --dtype bfloat16 --method concept_attention,cross_attention --out runs/voc
+    """
+    from .eval.datasets import load_dataset
+    from .eval.runner import TABLE_FILE, distributed_rank, evaluate
+
+    try:
+        rank, _ = distributed_rank()
+        if device == "cuda" and "LOCAL_RANK" in os.environ:
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process under a launcher
+        bench = load_dataset(dataset, data, images=images, class_map=class_map)
+        pipe = _load(model, device, dtype, None)
+        extra = _real_model_options(pipe, concept_tokens=concept_tokens, size=_parse_size(size))
+        results = evaluate(pipe, bench, list(method), out, limit=limit, progress=not quiet, t=t, samples=samples,
+                           seed=seed, layers=layers or None, batch=batch, blur=blur, upsample=upsample, **extra)
+    except ConceptAttentionError as err:
+        _fail(err)
+    if results is not None and not quiet and rank == 0:
+        typer.echo((out / TABLE_FILE).read_text())
 
 
 def main() -> None:

@@ -87,6 +87,10 @@ class MMDiTAdapter:
         """Rotate image keys ``[B, N, H, Dh]`` by their positions (concept positions are 0: identity)."""
         return key
 
+    def text_rope(self, rope_output: Any, num_text_tokens: int, dtype: torch.dtype) -> Any:
+        """The prompt tokens' rotation tables (None: prompt keys are not rotated)."""
+        return None
+
     def read_call(self, transformer: nn.Module, arguments: dict[str, Any]) -> CallInputs:
         """Token grid (h, w) and image-token count from one forward call's bound arguments."""
         return CallInputs(grid=None)
@@ -119,6 +123,34 @@ class MMDiTAdapter:
             points["value"] = (attn.to_qkv, lambda x: split(x.chunk(3, dim=-1)[2]))
         else:
             points["value"] = (attn.to_v, split)
+        return points
+
+    def prompt_attention_points(self, block: nn.Module) -> dict[str, tuple[nn.Module, Callable[[Any], torch.Tensor]]]:
+        """Submodules giving the image queries and the prompt keys ``[B, N|S, H, Dh]`` (after the qk-norms,
+        before RoPE), for image-to-prompt attention (see ``prompt_attention.py``)."""
+        attn = block.attn
+        heads = attn.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (heads, -1))
+
+        def normed(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2) if self.key_norm_layout == "BHND" else x
+
+        fused = bool(getattr(attn, "fused_projections", False))
+        points: dict[str, tuple[nn.Module, Callable[[Any], torch.Tensor]]] = {}
+        if getattr(attn, "norm_q", None) is not None:
+            points["image_query"] = (attn.norm_q, normed)
+        elif fused and hasattr(attn, "to_qkv"):
+            points["image_query"] = (attn.to_qkv, lambda x: split(x.chunk(3, dim=-1)[0]))
+        else:
+            points["image_query"] = (attn.to_q, split)
+        if getattr(attn, "norm_added_k", None) is not None:
+            points["prompt_key"] = (attn.norm_added_k, normed)
+        elif fused and hasattr(attn, "to_added_qkv"):
+            points["prompt_key"] = (attn.to_added_qkv, lambda x: split(x.chunk(3, dim=-1)[1]))
+        else:
+            points["prompt_key"] = (attn.add_k_proj, split)
         return points
 
     def output_point(self, block: nn.Module) -> nn.Module:

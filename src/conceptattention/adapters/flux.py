@@ -28,6 +28,10 @@ class FluxAdapter(MMDiTAdapter):
         cos, sin = (t[-num_image_tokens:, None, :].to(dtype) for t in rope_output)  # [N, 1, Dh]
         return cos, sin[..., 0::2]
 
+    def text_rope(self, rope_output: Any, num_text_tokens: int, dtype: torch.dtype) -> Any:
+        cos, sin = (t[:num_text_tokens, None, :].to(dtype) for t in rope_output)  # text ids come first
+        return cos, sin[..., 0::2]
+
     def apply_rope(self, key: torch.Tensor, rope: Any) -> torch.Tensor:
         # Channel pairs (a, b) rotate to (a cos - b sin, b cos + a sin), in the key's own dtype.
         cos, sin = rope

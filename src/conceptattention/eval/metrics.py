@@ -88,3 +88,46 @@ class BinarySegmentation:
             "map": sum(self.ap) / len(self.ap) if self.ap else float("nan"),
             "images": len(self.ap),
         }
+
+
+@dataclass
+class MultiClassSegmentation:
+    """Accumulates multi-class scores over a dataset: pixel accuracy and mIoU (per-class sums of
+    intersection and union over the dataset, mean over the classes that occur in labels or predictions)."""
+
+    num_classes: int
+    correct: int = 0
+    labelled: int = 0
+    inter: list[int] = field(default_factory=list)
+    union: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.inter = self.inter or [0] * self.num_classes
+        self.union = self.union or [0] * self.num_classes
+
+    def add(self, prediction: torch.Tensor, label: torch.Tensor) -> None:
+        """One image: predicted and true class ids ``[H, W]``; label -1 (void) is not scored."""
+        valid = label >= 0
+        p, t = prediction[valid].long(), label[valid].long()
+        self.correct += int((p == t).sum())
+        self.labelled += int(valid.sum())
+        n = self.num_classes
+        inter = torch.bincount(t[p == t], minlength=n)[:n]
+        area_p, area_t = torch.bincount(p, minlength=n)[:n], torch.bincount(t, minlength=n)[:n]
+        for c in range(n):
+            self.inter[c] += int(inter[c])
+            self.union[c] += int(area_p[c] + area_t[c] - inter[c])
+
+    def merge(self, other: "MultiClassSegmentation") -> "MultiClassSegmentation":
+        return MultiClassSegmentation(self.num_classes, self.correct + other.correct, self.labelled + other.labelled,
+                                      [a + b for a, b in zip(self.inter, other.inter)],
+                                      [a + b for a, b in zip(self.union, other.union)])
+
+    def result(self, class_names: list[str] | None = None) -> dict:
+        ious = {c: i / u for c, (i, u) in enumerate(zip(self.inter, self.union)) if u}
+        names = class_names or [str(c) for c in range(self.num_classes)]
+        return {
+            "pixel_accuracy": self.correct / self.labelled if self.labelled else float("nan"),
+            "miou": sum(ious.values()) / len(ious) if ious else float("nan"),
+            "iou_per_class": {names[c]: v for c, v in ious.items()},
+        }

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..core import ConceptAttention
 from ..errors import ConceptAttentionError, UnsupportedModelError
 from .images import load_image, noise_samples, open_image
-from .result import ConceptResult, result_from_session
+from .result import ConceptResult, result_from_maps, result_from_session
 
 #: Paper defaults (FLUX.1-schnell protocol: double blocks 14-17, t = 0.5, 5 noise samples).
 FLUX_LAYERS = (14, 15, 16, 17)
@@ -239,21 +239,149 @@ class MMDiTPipeline:
         if samples < 1:
             raise ConceptAttentionError("samples must be at least 1")
         embeds = self.encode_concepts(concepts, concept_tokens, max_sequence_length)
+        pixels, maps, (width, height) = self._encode_one(image, embeds, caption, t=t, samples=samples, seed=seed,
+                                                         size=size, layers=layers, readouts=readouts,
+                                                         guidance=guidance, max_sequence_length=max_sequence_length)
+        settings = {"model": self.name, "family": self.family, "mode": "encode", "caption": caption, "t": t,
+                    "samples": samples, "seed": seed, "size": [width, height],
+                    "layers": list(layers) if layers else list(self.default_layers),
+                    "concept_tokens": concept_tokens, "readout": list(readouts)[0]}
+        from .shapes import to_pil
+
+        return result_from_maps(to_pil(pixels), maps, list(concepts), settings)
+
+    def _encode_one(self, image: Any, embeds: torch.Tensor, caption: str, *, t: float, samples: int, seed: int,
+                    size: tuple[int, int] | None, layers: Sequence[int] | None, readouts: Sequence[str],
+                    guidance: float, max_sequence_length: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[int, int]]:
+        """One image's pixels, ``{readout: [K, h, w]}`` maps (mean over noise draws) and its (W, H)."""
+        pixels, inputs, size = self._noisy_inputs(image, caption, t=t, samples=samples, seed=seed, size=size,
+                                                  guidance=guidance, max_sequence_length=max_sequence_length)
+        with self._session(embeds, layers, readouts) as session:
+            session.forward_until_last_layer(**inputs)
+        maps = {name: m.mean(0).float().cpu() for name, m in session.all_maps().items()}
+        return pixels, maps, size
+
+    def _noisy_inputs(self, image: Any, caption: str, *, t: float, samples: int, seed: int,
+                      size: tuple[int, int] | None, guidance: float, max_sequence_length: int) -> tuple[torch.Tensor, dict, tuple[int, int]]:
+        """Pixels, the transformer inputs of S noise draws at ``t`` (draw s from seed + s), and (W, H)."""
+        if not 0.0 <= t <= 1.0:
+            raise ConceptAttentionError(f"t must be in [0, 1], not {t}")
+        if samples < 1:
+            raise ConceptAttentionError("samples must be at least 1")
         width, height = self._size(image, size)
         pixels = load_image(image, size=(width, height))
         latents = self._latents(pixels)  # [1, C, h, w] scaled
         noise = noise_samples(latents.shape[1:], samples, seed).to(latents.device, latents.dtype)
         noisy = t * noise + (1 - t) * latents
-        inputs = self._transformer_inputs(noisy, t, caption, guidance, max_sequence_length)
-        session = self._session(embeds, layers, readouts)
-        with session:
-            session.forward_until_last_layer(**inputs)
-        settings = {"model": self.name, "family": self.family, "mode": "encode", "caption": caption, "t": t,
-                    "samples": samples, "seed": seed, "size": [width, height], "layers": list(session.layers),
-                    "concept_tokens": concept_tokens, "readout": list(readouts)[0]}
-        from .shapes import to_pil
+        return pixels, self._transformer_inputs(noisy, t, caption, guidance, max_sequence_length), (width, height)
 
-        return result_from_session(to_pil(pixels), session, list(concepts), settings, batch_index=None)
+    def _prompt_tokenizer(self) -> tuple[Any, int]:
+        """The tokenizer of the prompt tokens image queries see, and where its tokens start in the
+        transformer's text sequence (SD3: after the 77 CLIP tokens; CLIP alone: after its start token)."""
+        if self.family == "flux":
+            return self.pipe.tokenizer_2, 0
+        if getattr(self.pipe, "text_encoder_3", None) is not None:
+            return self.pipe.tokenizer_3, self.pipe.tokenizer_max_length
+        return self.pipe.tokenizer, 1
+
+    def word_positions(self, caption: str, concept: str, max_sequence_length: int = 256) -> list[int]:
+        """Indices in the transformer's text sequence of the tokens of ``concept``'s occurrences in
+        ``caption`` (whole words, case-insensitive; several-word concepts match consecutive words)."""
+        tokenizer, start = self._prompt_tokenizer()
+        words = caption.split()
+        counts = [len(tokenizer(w, add_special_tokens=False).input_ids) for w in words]
+        starts = [start + sum(counts[:i]) for i in range(len(words))]
+
+        def norm(w: str) -> str:
+            return w.strip(".,;:!?\"'()").lower()
+
+        target = [norm(w) for w in concept.split()]
+        clip_only = self.family == "sd3" and getattr(self.pipe, "text_encoder_3", None) is None
+        limit = self.pipe.tokenizer_max_length - 1 if clip_only else start + max_sequence_length  # truncation
+        positions: list[int] = []
+        for i in range(len(words) - len(target) + 1):
+            if [norm(w) for w in words[i : i + len(target)]] == target:
+                for j in range(i, i + len(target)):
+                    positions += [p for p in range(starts[j], starts[j] + counts[j]) if p < limit]
+        return positions
+
+    @torch.no_grad()
+    def prompt_maps(
+        self,
+        images: Sequence[Any],
+        concepts: Sequence[str],
+        captions: Sequence[str],
+        *,
+        t: float = 0.5,
+        samples: int = 5,
+        seeds: Sequence[int] | None = None,
+        layers: Sequence[int] | None = None,
+        size: tuple[int, int] | None = None,
+        concept_tokens: str = "first",
+        guidance: float = 0.0,
+        max_sequence_length: int = 256,
+    ) -> torch.Tensor:
+        """DAAM-style maps ``[B, K, h, w]``: image-to-prompt attention summed over each concept's tokens in
+        its caption (all zero for a concept the caption does not contain). ``concept_tokens`` is unused."""
+        from ..prompt_attention import PromptAttention
+
+        if len(images) != len(captions) or not images:
+            raise ConceptAttentionError(f"give one caption per image ({len(images)} images, {len(captions)} captions)")
+        words = [str(c).strip() for c in concepts]
+        if not words:
+            raise ConceptAttentionError("the concept list is empty: pass at least one concept")
+        seeds = list(range(len(images))) if seeds is None else list(seeds)
+        chosen = list(layers) if layers else list(self.default_layers)
+        out = []
+        for image, caption, seed in zip(images, captions, seeds):
+            _, inputs, _ = self._noisy_inputs(image, caption, t=t, samples=samples, seed=int(seed), size=size,
+                                              guidance=guidance, max_sequence_length=max_sequence_length)
+            with PromptAttention(self.transformer, layers=chosen) as session:
+                session.forward_until_last_layer(**inputs)
+            per_token = session.maps().mean(0).float().cpu()  # [S_text, h, w]
+            maps = torch.zeros(len(words), *per_token.shape[-2:])
+            for k, word in enumerate(words):
+                positions = self.word_positions(caption, word, max_sequence_length)
+                if positions:
+                    maps[k] = per_token[positions].sum(0)
+            out.append(maps)
+        try:
+            return torch.stack(out)
+        except RuntimeError:
+            raise ConceptAttentionError("these images give different token grids; pass size=(W, H)") from None
+
+    @torch.no_grad()
+    def token_maps(
+        self,
+        images: Sequence[Any],
+        concepts: Sequence[str],
+        captions: Sequence[str],
+        *,
+        readouts: Sequence[str] = ("concept_attention",),
+        t: float = 0.5,
+        samples: int = 5,
+        seeds: Sequence[int] | None = None,
+        layers: Sequence[int] | None = None,
+        size: tuple[int, int] | None = None,
+        concept_tokens: str = "first",
+        guidance: float = 0.0,
+        max_sequence_length: int = 256,
+    ) -> dict[str, torch.Tensor]:
+        """``encode`` for several images (one pass each): ``{readout: [B, K, h, w]}`` float32 on the CPU.
+
+        Images must give the same token grid (pass ``size`` for images of different shapes).
+        """
+        if len(images) != len(captions) or not images:
+            raise ConceptAttentionError(f"give one caption per image ({len(images)} images, {len(captions)} captions)")
+        seeds = list(range(len(images))) if seeds is None else list(seeds)
+        embeds = self.encode_concepts(concepts, concept_tokens, max_sequence_length)
+        per_image = [self._encode_one(im, embeds, cap, t=t, samples=samples, seed=int(sd), size=size, layers=layers,
+                                      readouts=readouts, guidance=guidance, max_sequence_length=max_sequence_length)[1]
+                     for im, cap, sd in zip(images, captions, seeds)]
+        try:
+            return {name: torch.stack([m[name] for m in per_image]) for name in per_image[0]}
+        except RuntimeError:
+            raise ConceptAttentionError("these images give different token grids; pass size=(W, H)") from None
 
     def _latents(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae

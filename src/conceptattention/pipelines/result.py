@@ -68,13 +68,18 @@ def result_from_session(image: Image.Image, session: Any, concepts: list[str], s
     ``batch_index`` picks the batch item (e.g. -1: the conditional half of a guidance batch); None
     averages over the batch (noise samples of one image).
     """
-    size = (image.size[1], image.size[0])
-
     def pick(maps: torch.Tensor) -> torch.Tensor:  # [B, K, h, w] -> [K, h, w]
         return maps.mean(0) if batch_index is None else maps[batch_index]
 
-    all_maps = {name: pick(m).float().cpu() for name, m in session.all_maps().items()}
+    return result_from_maps(image, {name: pick(m) for name, m in session.all_maps().items()}, concepts, settings)
+
+
+def result_from_maps(image: Image.Image, token_maps: dict[str, torch.Tensor], concepts: list[str],
+                     settings: dict[str, Any]) -> ConceptResult:
+    """A result from ``{readout: [K, h, w]}`` token maps; the first readout is the main one."""
+    size = (image.size[1], image.size[0])
+    all_maps = {name: m.float().cpu() for name, m in token_maps.items()}
     first = next(iter(all_maps))
-    token_maps = all_maps.pop(first)
-    return ConceptResult(image=image, maps=upsample(token_maps, size), token_maps=token_maps, concepts=concepts,
+    main = all_maps.pop(first)
+    return ConceptResult(image=image, maps=upsample(main, size), token_maps=main, concepts=concepts,
                          settings=settings, extra_maps={k: upsample(v, size) for k, v in all_maps.items()})

@@ -12,7 +12,7 @@ from ..core import ConceptAttention, default_layers
 from ..errors import ConceptAttentionError
 from ..shapes.model import IMAGE, ShapesModel, pack, unpack
 from .images import load_image, noise_samples
-from .result import ConceptResult, result_from_session, upsample as _upsample
+from .result import ConceptResult, result_from_maps, result_from_session, upsample as _upsample
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "shapes" / "weights"
 
@@ -113,6 +113,87 @@ class ShapesPipeline:
             x = x + (times[i + 1] - times[i]) * (v_uncond + guidance * (v_cond - v_uncond))
         return (unpack(x, self.model.config.patch) * 0.5 + 0.5).clamp(0, 1)
 
+    def _pixels(self, image: Any) -> torch.Tensor:
+        """``[3, 64, 64]`` in [0, 1]; a tensor of that shape is used as is (no 8-bit rounding)."""
+        if isinstance(image, torch.Tensor) and image.shape == (3, IMAGE, IMAGE) and image.is_floating_point():
+            return image.float().clamp(0, 1)
+        return load_image(image, size=(IMAGE, IMAGE))
+
+    @torch.no_grad()
+    def token_maps(
+        self,
+        images: Sequence[Any],
+        concepts: Sequence[str],
+        captions: Sequence[str],
+        *,
+        readouts: Sequence[str] = ("concept_attention",),
+        t: float = 0.5,
+        samples: int = 4,
+        seeds: Sequence[int] | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Maps of B real images in one early-stopped pass: ``{readout: [B, K, h, w]}`` (float32, CPU).
+
+        Image b gets ``samples`` noise draws from seeds ``seeds[b] .. seeds[b] + samples - 1`` at ``t``,
+        and its own caption; maps are averaged over its draws. The same image, caption and seed give the
+        same maps whatever else is in the batch (up to float rounding of batched kernels).
+        """
+        _, embeds = self._concepts(concepts)
+        inputs, b = self._noisy_inputs(images, captions, t, samples, seeds)
+        with self._session(embeds, layers, list(readouts)) as session:
+            session.forward_until_last_layer(**inputs)
+        return {name: m.unflatten(0, (b, samples)).mean(1).float().cpu() for name, m in session.all_maps().items()}
+
+    def _noisy_inputs(self, images: Sequence[Any], captions: Sequence[str], t: float, samples: int,
+                      seeds: Sequence[int] | None) -> tuple[dict, int]:
+        """Transformer inputs of B images x S noise draws at ``t`` (draws of image b from seeds[b] + s)."""
+        if not 0.0 <= t <= 1.0:
+            raise ConceptAttentionError(f"t must be in [0, 1], not {t}")
+        if samples < 1:
+            raise ConceptAttentionError("samples must be at least 1")
+        if len(images) != len(captions) or not images:
+            raise ConceptAttentionError(f"give one caption per image ({len(images)} images, {len(captions)} captions)")
+        seeds = list(range(len(images))) if seeds is None else list(seeds)
+        b, patch = len(images), self.model.config.patch
+        pixels = torch.stack([self._pixels(im) for im in images]).to(self.device)
+        x0 = pack(pixels * 2 - 1, patch)  # [B, N, C]
+        noise = torch.stack([noise_samples(x0.shape[1:], samples, int(s)) for s in seeds]).to(self.device)
+        x_t = (t * noise + (1 - t) * x0[:, None]).flatten(0, 1)  # [B*S, N, C]
+        tokens, pooled = self.model.encode_text([c for c in captions for _ in range(samples)])
+        timesteps = torch.full((b * samples,), t, device=self.device)
+        return self.model.transformer_inputs(x_t, timesteps, tokens, pooled), b
+
+    @torch.no_grad()
+    def prompt_maps(
+        self,
+        images: Sequence[Any],
+        concepts: Sequence[str],
+        captions: Sequence[str],
+        *,
+        t: float = 0.5,
+        samples: int = 4,
+        seeds: Sequence[int] | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """DAAM-style maps ``[B, K, h, w]``: image-to-caption attention summed over each concept's
+        occurrences in the caption (all zero for a concept the caption does not contain)."""
+        from ..prompt_attention import PromptAttention
+
+        words, _ = self._concepts(concepts)
+        inputs, b = self._noisy_inputs(images, captions, t, samples, seeds)
+        chosen = list(layers) if layers else list(self.default_layers)
+        with PromptAttention(self.model.transformer, layers=chosen) as session:
+            session.forward_until_last_layer(**inputs)
+        per_token = session.maps().unflatten(0, (b, samples)).mean(1).float().cpu()  # [B, S_text, h, w]
+        out = torch.zeros(b, len(words), *per_token.shape[-2:])
+        for i, caption in enumerate(captions):
+            tokens = caption.lower().replace(",", " ").split()  # the shapes tokenizer: one token per word
+            for k, word in enumerate(words):
+                positions = [p for p, tok in enumerate(tokens) if tok == word.lower()]
+                if positions:
+                    out[i, k] = per_token[i, positions].sum(0)
+        return out
+
     @torch.no_grad()
     def encode(
         self,
@@ -127,21 +208,11 @@ class ShapesPipeline:
         readouts: Sequence[str] = ("concept_attention",),
     ) -> ConceptResult:
         """A real image -> maps: noise at ``t`` for ``samples`` seeds batched in one early-stopped pass."""
-        if not 0.0 <= t <= 1.0:
-            raise ConceptAttentionError(f"t must be in [0, 1], not {t}")
-        if samples < 1:
-            raise ConceptAttentionError("samples must be at least 1")
-        words, embeds = self._concepts(concepts)
-        pixels = load_image(image, size=(IMAGE, IMAGE)).to(self.device)  # [3, 64, 64] in [0, 1]
-        x0 = pack(pixels[None] * 2 - 1, self.model.config.patch)
-        noise = noise_samples(x0.shape[1:], samples, seed).to(self.device)
-        x_t = t * noise + (1 - t) * x0
-        tokens, pooled = self.model.encode_text([caption] * samples)
-        session = self._session(embeds, layers, list(readouts))
-        with session:
-            session.forward_until_last_layer(
-                **self.model.transformer_inputs(x_t, torch.full((samples,), t, device=self.device), tokens, pooled)
-            )
+        words = [c.strip() for c in concepts]
+        pixels = self._pixels(image)
+        maps = self.token_maps([pixels], words, [caption], readouts=readouts, t=t, samples=samples, seeds=[seed],
+                               layers=layers)
+        chosen = list(layers) if layers else list(self.default_layers)
         settings = {"model": self.name, "mode": "encode", "caption": caption, "t": t, "samples": samples,
-                    "seed": seed, "layers": list(session.layers), "readout": readouts[0]}
-        return result_from_session(to_pil(pixels), session, words, settings, batch_index=None)
+                    "seed": seed, "layers": chosen, "readout": readouts[0]}
+        return result_from_maps(to_pil(pixels), {k: v[0] for k, v in maps.items()}, words, settings)

@@ -19,14 +19,10 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from tqdm import tqdm
 
-from ..core import ConceptAttention
-from ..eval.metrics import BinarySegmentation, mean_threshold
 from ..readouts import READOUTS
 from . import scorer, world
-from .model import pack
 from .train import HELDOUT_SEED
 
 VALIDATION_SEED = 31_337
@@ -50,55 +46,21 @@ def sample_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, steps: int = 20, g
             "exact_images": exact / n, "steps": steps, "guidance": used, "seed": seed}
 
 
-@torch.no_grad()
 def map_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, readouts: Sequence[str] = tuple(READOUTS),
                 layers: Sequence[int] | None = None, t: float = 0.5, samples: int = 4, batch: int = 50,
                 progress: bool = True) -> dict:
-    """Segment held-out images with every readout in one pass per batch; metrics per readout."""
-    from ..pipelines.shapes import upsample
+    """Segment held-out images with every readout (one pass per batch, via the eval runner)."""
+    from ..eval.datasets import ShapesDataset
+    from ..eval.runner import evaluate
 
-    model, device = pipe.model, pipe.device
-    scenes = world.sample_scenes(n, seed)
-    images, labels = world.render(scenes)
-    captions = world.captions(scenes)
-    embeds = model.encode_concepts(list(CONCEPTS))
-    layers = list(layers) if layers else list(pipe.default_layers)
-    seg = {name: BinarySegmentation() for name in readouts}
-    pick = {name: [0, 0] for name in readouts}  # right, total
-    word_masks = {w: world.concept_mask(scenes, labels, w) for w in CONCEPTS}
-    for start in tqdm(range(0, n, batch), desc="maps", disable=not progress):
-        idx = list(range(start, min(n, start + batch)))
-        b = len(idx)
-        x0 = pack(images[idx].to(device) * 2 - 1, model.config.patch)  # [b, N, C]
-        noise = torch.stack([torch.randn(samples, *x0.shape[1:], generator=torch.Generator().manual_seed(seed * 7 + i))
-                             for i in idx]).to(device)  # [b, S, N, C]
-        x_t = (t * noise + (1 - t) * x0[:, None]).flatten(0, 1)
-        tokens, pooled = model.encode_text([captions[i] for i in idx for _ in range(samples)])
-        with ConceptAttention(model.transformer, embeds, layers=layers, readouts=list(readouts)) as session:
-            session.forward_until_last_layer(
-                **model.transformer_inputs(x_t, torch.full((b * samples,), t, device=device), tokens, pooled))
-        for name in readouts:
-            maps = session.maps(name).view(b, samples, len(CONCEPTS), *session.grid()).mean(1).cpu()
-            full = torch.stack([upsample(m) for m in maps])  # [b, K, 64, 64]
-            for j, i in enumerate(idx):
-                words = set(captions[i].split()) | {"background"}
-                for k, word in enumerate(CONCEPTS):
-                    if word in words:
-                        seg[name].add(mean_threshold(full[j, k]), word_masks[word][i], scores=full[j, k])
-                objs = scenes.objects(i)
-                if len(objs) == 2 and objs[0][1] != objs[1][1]:
-                    ka, kb = CONCEPTS.index(objs[0][1]), CONCEPTS.index(objs[1][1])
-                    says_a = full[j, ka] > full[j, kb]
-                    for slot, is_a in ((1, True), (2, False)):  # label 1 = first present slot
-                        region = labels[i] == slot
-                        pick[name][0] += int((says_a[region] == is_a).sum())
-                        pick[name][1] += int(region.sum())
+    results = evaluate(pipe, ShapesDataset(n, seed), list(readouts), None, progress=progress, rank=0, world=1,
+                       t=t, samples=samples, layers=list(layers) if layers else None, batch=batch)
     out = {}
-    for name in readouts:
-        right, total = pick[name]
-        out[name] = {**seg[name].result(), "shape_pick": right / total if total else float("nan"),
-                     "shape_pick_pixels": total}
-    return {"images": n, "seed": seed, "layers": layers, "t": t, "samples": samples,
+    for name, r in results["methods"].items():
+        pick = r.get("pick", {"accuracy": float("nan"), "pixels": 0})
+        out[name] = {**r["binary"], "shape_pick": pick["accuracy"], "shape_pick_pixels": pick["pixels"],
+                     "multi_class": r["multi"]}
+    return {"images": n, "seed": seed, "layers": results["settings"]["layers"], "t": t, "samples": samples,
             "concepts": list(CONCEPTS), "readouts": out}
 
 

@@ -42,6 +42,7 @@ class TrainConfig:
     bf16: bool = True  # autocast on CPU (AMX) and CUDA
     checkpoint_every: int = 200
     log_every: int = 20
+    init_from: str = ""  # start from these weights ("shapes" = the shipped model, or a weights directory)
 
 
 def data_seed(seed: int, step: int) -> int:
@@ -74,6 +75,14 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
     return (pred.float() - (noise - x0)).pow(2).mean()
 
 
+def init_model(source: str) -> ShapesModel:
+    """Float32 copy of existing weights to continue training from: "shapes" or a weights directory."""
+    directory = Path(__file__).resolve().parent / "weights" if source == "shapes" else Path(source)
+    if (directory / "weights" / "model.safetensors").is_file():
+        directory = directory / "weights"
+    return ShapesModel.load(directory, dtype=torch.float32)
+
+
 def _save_checkpoint(path: Path, model, ema, opt, step: int, cfg: TrainConfig, model_cfg: ShapesConfig) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(
@@ -99,13 +108,21 @@ def train(
     model_cfg = model_cfg or ShapesConfig()
     dev = torch.device(device)
     torch.manual_seed(cfg.seed)
-    model = ShapesModel(model_cfg).to(dev).train()
+    ckpt = out / "checkpoint.pt"
+    state = torch.load(ckpt, map_location=dev, weights_only=False) if ckpt.is_file() else None
+    if state is not None:  # resume: the checkpoint's architecture wins
+        model_cfg = ShapesConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in state["model_config"].items()})
+        model = ShapesModel(model_cfg).to(dev).train()
+    elif cfg.init_from:
+        model = init_model(cfg.init_from).to(dev).train()
+        model_cfg = model.config
+    else:
+        model = ShapesModel(model_cfg).to(dev).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    ckpt = out / "checkpoint.pt"
     start = 0
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location=dev, weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -174,13 +191,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=TrainConfig.batch)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
+    p.add_argument("--init-from", default="")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed)
+    cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, warmup=a.warmup, init_from=a.init_from)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 
 

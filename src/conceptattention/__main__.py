@@ -1,0 +1,5 @@
+"""`python -m conceptattention` runs the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,309 @@
+"""One reproducible runner: dataset x methods -> per-image records -> exact dataset-level numbers.
+
+- Images are split into fixed chunks (``batch`` images, in dataset order). A chunk is computed as
+  one batch, whatever the number of processes, so every image's maps are the same in any run.
+- After each chunk, one JSON line holding the chunk's per-image records (pixel counts, average
+  precisions) is appended to ``OUT/records-<rank>.jsonl`` and flushed. A killed run restarted with the
+  same ``OUT`` skips the chunks already recorded; a half-written last line is ignored.
+- Several processes (``accelerate launch``, ``torchrun``, ``mpirun``: rank and world size are read from
+  the environment) take every world-th chunk. The final numbers are sums over images in dataset
+  order, so 1 process, N processes and an interrupted-and-resumed run give identical results.
+- Rank 0 waits for the other ranks' records, then writes ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .. import __version__
+from ..errors import ConceptAttentionError
+from .datasets import Dataset, Sample, subset
+from .methods import Method, resolve_methods, run_methods
+from .metrics import BinarySegmentation, MultiClassSegmentation, mean_threshold
+
+RUN_FILE, RESULTS_FILE, TABLE_FILE = "run.json", "results.json", "results.md"
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment; (0, 1) when run alone."""
+    for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
+                               ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")):
+        if rank_var in os.environ and size_var in os.environ:
+            rank, world = int(os.environ[rank_var]), int(os.environ[size_var])
+            if not 0 <= rank < world:
+                raise ConceptAttentionError(f"{rank_var}={rank} is outside {size_var}={world}")
+            return rank, world
+    return 0, 1
+
+
+# ----- per-image scoring ---------------------------------------------------------------------------------
+def gaussian_blur(maps: torch.Tensor, sigma: float, kernel: int = 3) -> torch.Tensor:
+    """``[K, h, w]`` blurred per map by a normalised ``kernel`` x ``kernel`` Gaussian (reflect padding)."""
+    if sigma <= 0:
+        return maps
+    x = torch.arange(kernel, dtype=torch.float32) - (kernel - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    weight = (g[:, None] * g[None, :])[None, None].repeat(maps.shape[0], 1, 1, 1)
+    pad = kernel // 2
+    if min(maps.shape[-2:]) <= pad:
+        return maps
+    padded = F.pad(maps[None].float(), (pad, pad, pad, pad), mode="reflect")
+    return F.conv2d(padded, weight, groups=maps.shape[0])[0]
+
+
+def _target_size(sample: Sample) -> tuple[int, int]:
+    for t in sample.binary:
+        return tuple(t.mask.shape)
+    if sample.multi is not None:
+        return tuple(sample.multi.label.shape)
+    if sample.pick is not None:
+        return tuple(sample.pick.truth.shape)
+    raise ConceptAttentionError(f"sample {sample.key} has nothing to score")
+
+
+def score_sample(token_maps: torch.Tensor, sample: Sample, settings: dict, num_classes: int) -> dict:
+    """One image's record for one method: sums that add up exactly over a dataset."""
+    maps = gaussian_blur(token_maps.float(), settings["blur"])
+    mode = settings["upsample"]
+    up = F.interpolate(maps[None], size=_target_size(sample), mode=mode,
+                       **({"align_corners": False} if mode == "bilinear" else {}))[0]
+    record: dict[str, Any] = {}
+    if sample.binary:
+        seg = BinarySegmentation()
+        void = 0
+        for target in sample.binary:
+            seg.add(mean_threshold(up[target.concept]), target.mask, scores=up[target.concept], valid=target.valid)
+            if target.valid is not None:
+                void += int((~target.valid.bool()).sum())
+        record["binary"] = {"correct": seg.correct, "labelled": seg.labelled, "inter": seg.inter,
+                            "union": seg.union, "ap": seg.ap, "void": void}
+    if sample.multi is not None:
+        m = sample.multi
+        winner = up[m.candidates].argmax(0)
+        prediction = torch.tensor(m.classes, dtype=torch.long)[winner]
+        seg = MultiClassSegmentation(num_classes)
+        seg.add(prediction, m.label)
+        record["multi"] = {"correct": seg.correct, "labelled": seg.labelled, "inter": seg.inter,
+                           "union": seg.union, "void": int((m.label < 0).sum())}
+    if sample.pick is not None:
+        a, b = sample.pick.concepts
+        says_a = up[a] > up[b]
+        truth = sample.pick.truth
+        scored = truth >= 0
+        record["pick"] = [int((says_a[scored] == (truth[scored] == 0)).sum()), int(scored.sum())]
+    return record
+
+
+# ----- merging -----------------------------------------------------------------------------------------
+def summarise(records: list[dict], methods: Sequence[str], class_names: Sequence[str]) -> dict[str, dict]:
+    """Dataset-level numbers per method from per-image records (given in dataset order)."""
+    out: dict[str, dict] = {}
+    for name in methods:
+        binary, multi = BinarySegmentation(), MultiClassSegmentation(max(1, len(class_names)))
+        has_binary = has_multi = False
+        pick, void_binary, void_multi = [0, 0], 0, 0
+        for record in records:
+            r = record["methods"][name]
+            if "binary" in r:
+                b, has_binary = r["binary"], True
+                binary = binary.merge(BinarySegmentation(b["correct"], b["labelled"], b["inter"], b["union"], b["ap"]))
+                void_binary += b["void"]
+            if "multi" in r:
+                m, has_multi = r["multi"], True
+                multi = multi.merge(MultiClassSegmentation(multi.num_classes, m["correct"], m["labelled"],
+                                                           m["inter"], m["union"]))
+                void_multi += m["void"]
+            if "pick" in r:
+                pick = [pick[0] + r["pick"][0], pick[1] + r["pick"][1]]
+        result: dict[str, Any] = {}
+        if has_binary:
+            b = binary.result()
+            b["targets"] = b.pop("images")
+            result["binary"] = {**b, "void_pixels": void_binary}
+        if has_multi:
+            result["multi"] = {**multi.result(list(class_names)), "void_pixels": void_multi}
+        if pick[1]:
+            result["pick"] = {"accuracy": pick[0] / pick[1], "pixels": pick[1]}
+        out[name] = result
+    return out
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a Markdown table, preceded by every setting used."""
+    s = results["settings"]
+    lines = [f"Dataset **{results['dataset']['dataset']}**, {results['images']} images, model `{results['model']}`.", "",
+             "Settings: " + ", ".join(f"{k} = {v}" for k, v in s.items()) + ".", ""]
+    first = next(iter(results["methods"].values()), {})
+    head, rule = ["method"], ["---"]
+    if "binary" in first:
+        head += ["pixel acc", "mIoU", "paper-compatible mIoU", "mAP"]
+    if "multi" in first:
+        head += ["multi-class acc", "multi-class mIoU"]
+    if "pick" in first:
+        head += ["shape pick (2 objects)"]
+    rule = ["---"] * len(head)
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+
+    def pct(x: float) -> str:
+        return "n/a" if x != x else f"{100 * x:.2f}"
+
+    for name, r in results["methods"].items():
+        row = [name]
+        if "binary" in r:
+            b = r["binary"]
+            row += [pct(b["pixel_accuracy"]), pct(b["miou"]), pct(b["paper_compatible_miou"]), pct(b["map"])]
+        if "multi" in r:
+            row += [pct(r["multi"]["pixel_accuracy"]), pct(r["multi"]["miou"])]
+        if "pick" in r:
+            row += [pct(r["pick"]["accuracy"])]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Binary columns: the map of each scored concept, min-max normalised and thresholded at its mean, "
+              "against the concept's mask; sums over the dataset (mIoU over foreground and background). "
+              "Paper-compatible mIoU = acc / (2 - acc), what the authors' ImageNet script reports. "
+              "mAP: per-target average precision, averaged."]
+    return "\n".join(lines) + "\n"
+
+
+# ----- the runner --------------------------------------------------------------------------------------
+def _read_records(out: Path) -> dict[int, list[dict]]:
+    """Chunk id -> its per-image records, from every rank's file (torn last lines ignored)."""
+    chunks: dict[int, list[dict]] = {}
+    for path in sorted(out.glob("records-*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut by an interruption; that chunk is recomputed
+            chunks.setdefault(int(entry["chunk"]), entry["images"])
+    return chunks
+
+
+def _model_settings(pipe: Any, dataset: Dataset, overrides: dict) -> dict:
+    settings = {"t": 0.5, "samples": 4 if getattr(pipe, "name", "") == "shapes" else 5, "seed": 0, "layers": None,
+                "batch": 50 if dataset.name == "shapes" else 1, **dataset.settings}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if settings["layers"] is None:
+        settings["layers"] = list(pipe.default_layers)
+    settings["layers"] = [int(x) for x in settings["layers"]]
+    if settings["upsample"] not in ("nearest", "bilinear"):
+        raise ConceptAttentionError(f"upsample is 'nearest' or 'bilinear', not {settings['upsample']!r}")
+    if int(settings["batch"]) < 1:
+        raise ConceptAttentionError("batch must be at least 1")
+    return settings
+
+
+def evaluate(
+    pipe: Any,
+    dataset: Dataset,
+    methods: str | list[str] = "all",
+    out: str | Path | None = None,
+    *,
+    limit: int | None = None,
+    progress: bool = True,
+    rank: int | None = None,
+    world: int | None = None,
+    wait_seconds: float = 24 * 3600.0,
+    **overrides: Any,
+) -> dict | None:
+    """Run ``methods`` on ``dataset``; returns the results (rank 0) or None (other ranks).
+
+    ``overrides``: t, samples, seed, layers, batch, blur, upsample, size, concept_tokens. With ``out``
+    the run is recorded and resumable; without it, everything stays in memory.
+    """
+    chosen: list[Method] = resolve_methods(methods)
+    names = [m.name for m in chosen]
+    settings = _model_settings(pipe, dataset, overrides)
+    if rank is None or world is None:
+        rank, world = distributed_rank()
+    indices = list(subset(dataset, limit))
+    if not indices:
+        raise ConceptAttentionError("no images to evaluate (check --limit and the dataset)")
+    batch = int(settings["batch"])
+    chunks = [indices[i : i + batch] for i in range(0, len(indices), batch)]
+    header = {"version": __version__, "model": getattr(pipe, "name", type(pipe).__name__),
+              "dataset": dataset.describe(), "images": len(indices), "methods": names, "settings": settings}
+    header = json.loads(json.dumps(header))  # as it reads back from run.json
+
+    done: dict[int, list[dict]] = {}
+    records_file = None
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        run_file = out / RUN_FILE
+        if run_file.is_file():
+            previous = json.loads(run_file.read_text())
+            if previous != header:
+                raise ConceptAttentionError(
+                    f"{out} holds a run with other settings ({run_file}); resume it with the same command, "
+                    "or pass a new --out")
+        elif rank == 0:
+            run_file.write_text(json.dumps(header, indent=2))
+        done = _read_records(out)
+        records_file = (out / f"records-{rank}.jsonl").open("a")
+
+    mine = [c for c in range(len(chunks)) if c % world == rank and c not in done]
+    call_settings = {k: settings[k] for k in ("t", "samples", "layers")}
+    for key in ("size", "concept_tokens"):
+        if settings.get(key) is not None:
+            call_settings[key] = settings[key]
+    class_names = list(dataset.class_names)
+    bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"eval {dataset.name}" + (f" [{rank}/{world}]" if world > 1 else ""),
+               unit="img", disable=not progress)
+    try:
+        for c in mine:
+            samples = [dataset[i] for i in chunks[c]]
+            images_out: list[dict] = []
+            groups: dict[tuple[str, ...], list[int]] = {}
+            for j, sample in enumerate(samples):
+                groups.setdefault(tuple(sample.concepts), []).append(j)
+            per_sample: dict[int, dict] = {}
+            for concepts, members in groups.items():
+                group = [samples[j] for j in members]
+                seeds = [settings["seed"] + 1000 * chunks[c][j] for j in members]
+                maps = run_methods(pipe, chosen, [s.image for s in group], list(concepts), [s.caption for s in group],
+                                   {**call_settings, "seeds": seeds})
+                for pos, j in enumerate(members):
+                    per_sample[j] = {name: score_sample(maps[name][pos], samples[j], settings, len(class_names))
+                                     for name in names}
+            for j, sample in enumerate(samples):
+                images_out.append({"index": chunks[c][j], "key": sample.key, "methods": per_sample[j]})
+            done[c] = images_out
+            if records_file is not None:
+                records_file.write(json.dumps({"chunk": c, "images": images_out}) + "\n")
+                records_file.flush()
+                os.fsync(records_file.fileno())
+            bar.update(len(samples))
+    finally:
+        bar.close()
+        if records_file is not None:
+            records_file.close()
+
+    if rank != 0:
+        return None
+    if out is not None and world > 1:
+        deadline = time.time() + wait_seconds
+        while len(done) < len(chunks):
+            if time.time() > deadline:
+                missing = len(chunks) - len(done)
+                raise ConceptAttentionError(f"{missing} chunks are still missing from {out}; rerun the same command "
+                                            "to finish them (recorded chunks are kept)")
+            time.sleep(1.0)
+            done = _read_records(out)
+    records = [r for c in range(len(chunks)) for r in done[c]]
+    results = {**header, "methods": summarise(records, names, class_names),
+               "descriptions": {m.name: m.description for m in chosen}}
+    if out is not None:
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        (out / TABLE_FILE).write_text(markdown_table(results))
+    return results
+

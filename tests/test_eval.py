@@ -1,0 +1,400 @@
+"""The benchmark layer: metrics, loaders on tiny files in the real formats, the DAAM-style baseline
+against a hand computation, and the runner's resume / multi-process exactness."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import concepts as concept_embeds
+from conftest import flux_inputs, hook_counts, sd3_inputs, tiny_flux, tiny_sd3
+from PIL import Image
+from reference import reference_prompt_attention
+
+from conceptattention.errors import ConceptAttentionError
+from conceptattention.eval.datasets import (
+    BinaryTarget,
+    ImageNetSegDataset,
+    MultiTarget,
+    PickTarget,
+    Sample,
+    VOCDataset,
+    load_dataset,
+)
+from conceptattention.eval.methods import METHODS, register_method, resolve_methods
+from conceptattention.eval.metrics import MultiClassSegmentation
+from conceptattention.eval.runner import evaluate, gaussian_blur, score_sample
+from conceptattention.prompt_attention import PromptAttention
+
+
+# ----- metrics and scoring -------------------------------------------------------------------------------
+def test_multiclass_metrics_hand_computed():
+    seg = MultiClassSegmentation(3)
+    label = torch.tensor([[0, 0, 1], [1, 2, -1]])
+    pred = torch.tensor([[0, 1, 1], [1, 1, 2]])
+    seg.add(pred, label)
+    # labelled: 5 pixels (one void); correct: (0,0), (0,2), (1,0) -> 3
+    # class 0: inter 1, union 2; class 1: inter 2, union 4; class 2: inter 0, union 1 (void pixel not counted)
+    r = seg.result(["bg", "a", "b"])
+    assert r["pixel_accuracy"] == pytest.approx(3 / 5)
+    assert r["iou_per_class"] == pytest.approx({"bg": 1 / 2, "a": 2 / 4, "b": 0.0})
+    assert r["miou"] == pytest.approx((0.5 + 0.5 + 0.0) / 3)
+    merged = seg.merge(seg)
+    assert merged.result()["pixel_accuracy"] == pytest.approx(3 / 5) and merged.inter == [2, 4, 0]
+
+
+def test_gaussian_blur_keeps_constants_and_spreads_a_point():
+    flat = torch.full((2, 5, 5), 3.0)
+    assert torch.allclose(gaussian_blur(flat, 1.0), flat)
+    point = torch.zeros(1, 5, 5)
+    point[0, 2, 2] = 1.0
+    out = gaussian_blur(point, 1.0)[0]
+    g = torch.exp(-torch.tensor([1.0, 0.0, 1.0]) / 2)
+    g = g / g.sum()
+    assert out[2, 2] == pytest.approx(float(g[1] * g[1]))
+    assert out[1, 2] == pytest.approx(float(g[0] * g[1])) and out[1, 1] == pytest.approx(float(g[0] * g[0]))
+    assert out.sum() == pytest.approx(1.0) and out[0].abs().sum() == 0
+    assert torch.equal(gaussian_blur(point, 0.0), point)
+
+
+def test_score_sample_counts_by_hand():
+    # two concepts on a 2x2 token grid, nearest-upsampled to 4x4 labels
+    maps = torch.tensor([[[0.9, 0.1], [0.2, 0.0]], [[0.1, 0.9], [0.8, 1.0]]])
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:2, :2] = True  # concept 0 is the top-left quadrant
+    valid = torch.ones(4, 4, dtype=torch.bool)
+    valid[3, 3] = False
+    label = torch.zeros(4, 4, dtype=torch.long)
+    label[:, 2:] = 1
+    label[0, 0] = -1
+    truth = torch.full((4, 4), -1, dtype=torch.long)
+    truth[:2, :2], truth[2:, 2:] = 0, 1
+    sample = Sample("s", None, "", ["a", "b"], [BinaryTarget(0, mask, valid)], MultiTarget(label, [0, 1], [0, 1]),
+                    PickTarget((0, 1), truth))
+    r = score_sample(maps, sample, {"blur": 0.0, "upsample": "nearest"}, num_classes=2)
+    # concept 0 map: min-max -> [1, .111; .222, 0], mean .333: only the top-left quadrant is on = the mask
+    assert r["binary"]["correct"] == 15 and r["binary"]["labelled"] == 15 and r["binary"]["void"] == 1
+    assert r["binary"]["inter"] == [11, 4] and r["binary"]["union"] == [11, 4] and r["binary"]["ap"] == [1.0]
+    # argmax: concept 0 wins the top-left quadrant only -> class 0 there, class 1 elsewhere
+    # labelled 15; correct: top-left 3 (one void) + right half 8 = 11
+    assert r["multi"]["correct"] == 11 and r["multi"]["labelled"] == 15 and r["multi"]["void"] == 1
+    assert r["pick"] == [8, 8]
+
+
+def test_methods_registry_resolves_and_extends():
+    names = [m.name for m in resolve_methods("all")]
+    assert names[0] == "concept_attention" and "daam" in names and "cross_attention" in names
+    assert [m.name for m in resolve_methods("cross_only, value")] == ["cross_only", "value"]
+    with pytest.raises(ConceptAttentionError, match="unknown method"):
+        resolve_methods(["sharpest"])
+
+    @register_method("uniform_test_method", "every pixel the same")
+    def uniform(pipe, images, concepts, captions, settings):
+        return torch.ones(len(images), len(concepts), 2, 2)
+
+    try:
+        assert METHODS["uniform_test_method"].description == "every pixel the same"
+        with pytest.raises(ConceptAttentionError, match="already registered"):
+            register_method("uniform_test_method")(uniform)
+    finally:
+        METHODS.pop("uniform_test_method")
+
+
+# ----- DAAM-style prompt attention ---------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_prompt_attention_matches_hand_computation(family):
+    model = tiny_flux() if family == "flux" else tiny_sd3()
+    inputs = flux_inputs() if family == "flux" else sd3_inputs()
+    if family == "flux":
+        inputs["txt_ids"] = torch.rand(inputs["txt_ids"].shape) * 3  # non-zero prompt positions: RoPE on keys too
+    before, hooks = model(**inputs)[0], hook_counts(model)
+    with torch.no_grad(), PromptAttention(model, layers=[0, 2]) as pa:
+        out = model(**inputs)[0]
+    assert torch.equal(out, before) and hook_counts(model) == hooks
+    expected = reference_prompt_attention(family, model, inputs, [0, 2])  # [B, S, N]
+    got = pa.maps().flatten(-2)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(1), torch.ones_like(got.sum(1)))  # softmax over prompt tokens
+
+
+def test_prompt_attention_early_stop_and_one_session_at_a_time(flux):
+    from conceptattention import ConceptAttention
+
+    inputs = flux_inputs()
+    with torch.no_grad(), PromptAttention(flux, layers=[1]) as full:
+        flux(**inputs)
+    with torch.no_grad(), PromptAttention(flux, layers=[1]) as early:
+        early.forward_until_last_layer(**inputs)
+    assert torch.equal(full.maps(), early.maps())
+    with ConceptAttention(flux, concept_embeds(2)), pytest.raises(ConceptAttentionError, match="another session is attached"):
+        PromptAttention(flux, layers=[1]).__enter__()
+
+
+# ----- loaders on tiny files in the real formats ----------------------------------------------------------------
+def write_gtsegs(path, images, masks, ids):
+    """A MATLAB v7.3 gtsegs_ijcv.mat: /value/{img,gt,id} are (N, 1) object references; images stored
+    [3, W, H], masks behind a second reference, ids as UTF-16 code units."""
+    with h5py.File(path, "w") as f:
+        refs = f.create_group("#refs#")
+        value = f.create_group("value")
+        ref = h5py.ref_dtype
+        img_refs = value.create_dataset("img", (len(images), 1), dtype=ref)
+        gt_refs = value.create_dataset("gt", (len(images), 1), dtype=ref)
+        id_refs = value.create_dataset("id", (len(images), 1), dtype=ref)
+        for i, (image, mask, image_id) in enumerate(zip(images, masks, ids)):
+            d_img = refs.create_dataset(f"img{i}", data=image.transpose(2, 1, 0))
+            d_mask = refs.create_dataset(f"mask{i}", data=mask.transpose(1, 0))
+            d_gt = refs.create_dataset(f"gt{i}", (1, 1), dtype=ref)
+            d_gt[0, 0] = d_mask.ref
+            d_id = refs.create_dataset(f"id{i}", data=np.array([[ord(c)] for c in image_id], dtype=np.uint16))
+            img_refs[i, 0], gt_refs[i, 0], id_refs[i, 0] = d_img.ref, d_gt.ref, d_id.ref
+
+
+def tiny_imagenet_seg(tmp_path, n=2, side=(40, 30)):
+    rng = np.random.default_rng(0)
+    h, w = side
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+    masks = []
+    for i in range(n):
+        m = np.zeros((h, w), dtype=np.uint8)
+        m[5 + i : 25, 4:20] = 1
+        masks.append(m)
+    ids = ["n02085620_1234", "n07745940_77"][:n]
+    path = tmp_path / "gtsegs_ijcv.mat"
+    write_gtsegs(path, images, masks, ids)
+    return path, images, masks
+
+
+def test_imagenet_seg_reads_the_v73_layout(tmp_path):
+    path, images, masks = tiny_imagenet_seg(tmp_path)
+    ds = ImageNetSegDataset(path)
+    assert len(ds) == 2
+    s = ds[0]
+    assert s.key == "n02085620_1234" and s.concepts[0] == "Chihuahua" and s.caption == "a Chihuahua"
+    assert s.concepts[1:] == ["background", "floor", "tree", "person", "grass", "face"]
+    assert np.array_equal(np.asarray(s.image), images[0])  # H x W x 3, orientation kept
+    label = np.asarray(Image.fromarray(masks[0]).resize((224, 224), Image.NEAREST)).astype(bool)
+    assert torch.equal(s.binary[0].mask, torch.from_numpy(label))
+    assert ds[1].concepts[0] == "strawberry"
+    mapped = ImageNetSegDataset(tmp_path, class_map={"n02085620": "dog"})  # a folder holding the file works too
+    assert mapped[0].concepts[0] == "dog" and mapped[0].caption == "a dog"
+
+
+def test_imagenet_seg_errors(tmp_path):
+    with pytest.raises(ConceptAttentionError, match="gtsegs_ijcv.mat"):
+        ImageNetSegDataset(tmp_path / "missing.mat")
+    bad = tmp_path / "bad.mat"
+    bad.write_bytes(b"MATLAB 5.0 MAT-file, not HDF5")
+    with pytest.raises(ConceptAttentionError, match="not a readable ImageNet-Segmentation file"):
+        ImageNetSegDataset(bad)
+    odd = tmp_path / "odd.mat"
+    write_gtsegs(odd, [np.zeros((4, 4, 3), np.uint8)], [np.zeros((4, 4), np.uint8)], ["n99999999_1"])
+    with pytest.raises(ConceptAttentionError, match="--class-map"):
+        ImageNetSegDataset(odd)[0]
+    cmap = tmp_path / "map.json"
+    cmap.write_text("[1, 2]")
+    with pytest.raises(ConceptAttentionError, match="JSON object"):
+        load_dataset("imagenet-seg", odd, class_map=cmap)
+    with pytest.raises(ConceptAttentionError, match="--data PATH"):
+        load_dataset("voc-single")
+
+
+def palette_png(path, label):
+    im = Image.fromarray(label.astype(np.uint8), "P")
+    palette = [0, 0, 0] + [(37 * i) % 256 for i in range(3, 768)]
+    im.putpalette(palette)
+    im.save(path)
+
+
+def tiny_voc(tmp_path):
+    root = tmp_path / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True)
+    labels = {}
+    a = np.zeros((20, 30), np.uint8)
+    a[4:12, 5:15] = 12  # dog
+    a[3, :] = 255  # void border
+    b = np.zeros((20, 30), np.uint8)
+    b[2:8, 2:8], b[10:18, 12:25] = 8, 15  # cat and person
+    c = np.zeros((20, 30), np.uint8)
+    c[5:15, 5:25] = 1  # plane
+    for name, lab in (("2007_000001", a), ("2007_000002", b), ("2007_000003", c)):
+        palette_png(root / "SegmentationClass" / f"{name}.png", lab)
+        Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
+        labels[name] = lab
+    (root / "ImageSets/Segmentation/val.txt").write_text("2007_000001\n2007_000002\n2007_000003\n")
+    return tmp_path / "VOCdevkit", labels
+
+
+def test_voc_single_and_multi_splits(tmp_path):
+    root, labels = tiny_voc(tmp_path)
+    single = VOCDataset(root, "single")
+    assert [s.key for s in (single[0], single[1])] == ["2007_000001", "2007_000003"] and len(single) == 2
+    s = single[0]
+    assert s.concepts[0] == "dog" and s.caption == "a dog"
+    t = s.binary[0]
+    big = np.asarray(Image.fromarray(labels["2007_000001"]).resize((224, 224), Image.NEAREST))
+    assert torch.equal(t.mask, torch.from_numpy(big == 12)) and torch.equal(t.valid, torch.from_numpy(big != 255))
+    assert (~t.valid).sum() > 0
+    multi = VOCDataset(root / "VOC2012", "multi")
+    assert len(multi) == 3
+    m = multi[1]
+    assert m.caption == "a cat and a person" and m.concepts[-2:] == ["cat", "person"]
+    assert m.multi.classes == [0, 0, 0, 0, 0, 8, 15]
+    assert set(torch.unique(multi[0].multi.label).tolist()) == {-1, 0, 12}
+
+
+def test_voc_errors(tmp_path):
+    with pytest.raises(ConceptAttentionError, match="VOCdevkit"):
+        VOCDataset(tmp_path)
+    root, _ = tiny_voc(tmp_path)
+    rgb = root / "VOC2012" / "SegmentationClass" / "2007_000002.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(rgb)
+    with pytest.raises(ConceptAttentionError, match="not a palette PNG"):
+        VOCDataset(root, "multi")
+
+
+# ----- the runner ------------------------------------------------------------------------------------------------
+def run_cli(args, env=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "conceptattention", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, **kwargs)
+
+
+EVAL_ARGS = ["eval", "--dataset", "shapes", "--images", "24", "--batch", "2", "--samples", "1",
+             "--method", "concept_attention,cross_attention,daam", "--quiet"]
+
+
+def test_eval_killed_and_resumed_gives_identical_numbers(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    r = run_cli([*EVAL_ARGS, "--out", str(whole)])
+    assert r.returncode == 0, r.stderr
+    expected = json.loads((whole / "results.json").read_text())
+
+    proc = subprocess.Popen([sys.executable, "-m", "conceptattention", *EVAL_ARGS, "--out", str(cut)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = cut / "records-0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if records.is_file() and records.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "results.json").exists(), "the run finished before it could be killed"
+    with records.open("a") as f:
+        f.write('{"chunk": 5, "images": [{"ind')  # what a kill in the middle of a write leaves
+    r = run_cli([*EVAL_ARGS, "--out", str(cut)])
+    assert r.returncode == 0, r.stderr
+    resumed = json.loads((cut / "results.json").read_text())
+    assert resumed["methods"] == expected["methods"]
+    assert len(set(resumed["methods"])) == 3 and resumed["images"] == 24
+
+    r = run_cli([*EVAL_ARGS[:-1], "--t", "0.3", "--out", str(cut)])  # other settings, same folder
+    assert r.returncode != 0 and "other settings" in r.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_numbers_of_one(tmp_path):
+    pytest.importorskip("accelerate")
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = run_cli([*EVAL_ARGS, "--out", str(one)])
+    assert r.returncode == 0, r.stderr
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), "-m", "conceptattention", *EVAL_ARGS, "--out", str(two)]
+    r = subprocess.run(launch, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads(line)["chunk"] % 2 for p in ("records-0.jsonl", "records-1.jsonl")
+             for line in (two / p).read_text().splitlines()]
+    assert sorted(set(ranks)) == [0, 1]  # both processes did work
+    assert sorted(set(json.loads(line)["chunk"] for line in (two / "records-1.jsonl").read_text().splitlines())) \
+        == list(range(1, 12, 2))
+    a, b = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert a["methods"] == b["methods"]
+
+
+def test_shapes_eval_in_memory_matches_scorer_ground_truth():
+    """An oracle method that returns the true masks must score 100%."""
+    ds = load_dataset("shapes", images=6)
+
+    @register_method("oracle_test_method", "the true masks")
+    def oracle(pipe, images, concepts, captions, settings):
+        out = torch.zeros(len(images), len(concepts), 64, 64)
+        for b, caption in enumerate(captions):
+            index = next(i for i in range(len(ds)) if ds[i].caption == caption and torch.equal(ds[i].image, images[b]))
+            for k, word in enumerate(concepts):
+                out[b, k] = ds.word_masks[word][index].float()
+        return out
+
+    class NoModel:
+        name = "none"
+        default_layers = (0,)
+
+    try:
+        r = evaluate(NoModel(), ds, ["oracle_test_method"], None, progress=False, batch=4)
+    finally:
+        METHODS.pop("oracle_test_method")
+    res = r["methods"]["oracle_test_method"]
+    assert res["binary"]["pixel_accuracy"] == 1.0 and res["binary"]["miou"] == 1.0 and res["binary"]["map"] == 1.0
+    assert res["multi"]["pixel_accuracy"] > 0.99
+
+
+def test_eval_cli_on_real_format_files_with_a_flux_pipeline(tmp_path):
+    from tiny_pipelines import tiny_flux_pipeline
+
+    path, _, _ = tiny_imagenet_seg(tmp_path)
+    model_dir = tmp_path / "tiny-flux"
+    tiny_flux_pipeline().save_pretrained(model_dir)
+    cmap = tmp_path / "classes.json"
+    cmap.write_text(json.dumps({"n02085620": "dog", "strawberry": "cat"}))
+    out = tmp_path / "imnet"
+    r = run_cli(["eval", "--dataset", "imagenet-seg", "--data", str(path), "--class-map", str(cmap), "--model",
+                 str(model_dir), "--size", "32x32", "--samples", "2", "--method", "concept_attention,daam",
+                 "--out", str(out), "--quiet"])
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["blur"] == 1.0 and res["settings"]["upsample"] == "nearest"
+    for name in ("concept_attention", "daam"):
+        b = res["methods"][name]["binary"]
+        assert b["targets"] == 2 and 0 <= b["pixel_accuracy"] <= 1 and 0 <= b["miou"] <= 1
+    table = (out / "results.md").read_text()
+    assert "| concept_attention |" in table and "paper-compatible mIoU" in table
+
+    root, _ = tiny_voc(tmp_path)
+    out = tmp_path / "voc"
+    r = run_cli(["eval", "--dataset", "voc-multi", "--data", str(root), "--model", str(model_dir), "--size", "32x32",
+                 "--samples", "1", "--method", "concept_attention", "--out", str(out), "--quiet"])
+    assert r.returncode == 0, r.stderr
+    multi = json.loads((out / "results.json").read_text())["methods"]["concept_attention"]["multi"]
+    assert 0 <= multi["pixel_accuracy"] <= 1 and multi["void_pixels"] > 0
+
+
+def test_flux_word_positions_follow_the_tokenizer():
+    from tiny_pipelines import tiny_flux_pipeline
+
+    from conceptattention.pipelines.mmdit import MMDiTPipeline
+
+    pipe = MMDiTPipeline(tiny_flux_pipeline())
+    caption = "a red dog on the grass"
+    ids = pipe.pipe.tokenizer_2(caption).input_ids
+    for word in ("dog", "grass", "red"):
+        positions = pipe.word_positions(caption, word)
+        word_ids = pipe.pipe.tokenizer_2(word, add_special_tokens=False).input_ids
+        assert positions and [ids[p] for p in positions] == word_ids
+    assert pipe.word_positions(caption, "cat") == []
+    assert pipe.word_positions(caption, "Dog") == pipe.word_positions(caption, "dog")
