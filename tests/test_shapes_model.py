@@ -97,7 +97,7 @@ def test_pipeline_generate_and_encode(tiny_dir, tmp_path):
     files = res.save(tmp_path / "gen")
     maps = np.load(files["maps"])
     assert maps.dtype == np.float32 and maps.shape == (3, 64, 64)
-    assert Image.open(files["grid"]).size[0] == 4 * 192
+    assert Image.open(files["grid"]).size[0] == 4 * (192 + 4)
     info = json.loads(files["result"].read_text())
     assert info["concepts"] == ["circle", "grass", "red"] and info["steps"] == 3
 
@@ -157,7 +157,7 @@ def test_cli_generate_encode_and_errors(tiny_dir, tmp_path):
                             "grass", "--out", str(out), "--model", str(tiny_dir), "--steps", "2"])
     assert r.exit_code == 0, r.output
     assert np.load(out / "maps.npy").shape == (3, 64, 64)
-    for name in ("image.png", "grid.png", "result.json", "overlay_00_circle.png", "overlay_02_grass.png"):
+    for name in ("image.png", "grid.png", "segmentation.png", "maps_raw.npy", "result.json", "circle.png", "grass.png"):
         assert (out / name).is_file()
     r = runner.invoke(app, ["encode", str(out / "image.png"), "--concepts", "circle", "--caption", "a red circle",
                             "--out", str(tmp_path / "cli_enc"), "--model", str(tiny_dir)])

@@ -34,12 +34,22 @@ def test_main_job_generate_writes_every_file(tmp_path):
     maps = np.load(out / "maps.npy")
     assert maps.dtype == np.float32 and maps.shape == (3, 64, 64)
     np.testing.assert_allclose(maps.sum(0), 1.0, rtol=1e-4)  # softmax over concepts, kept by bilinear upsampling
-    for k, word in enumerate(["circle", "square", "grass"]):
-        assert Image.open(out / f"overlay_{k:02d}_{word}.png").size == (64, 64)
-    assert Image.open(out / "grid.png").size[0] == 4 * 192
+    for word in ["circle", "square", "grass"]:
+        w, h = Image.open(out / f"{word}.png").size  # overlay at 384 px plus a colour bar and a title
+        assert w > 384 and h > 384
+    assert Image.open(out / "grid.png").size[0] == 4 * (192 + 4)
+    raw = np.load(out / "maps_raw.npy")
+    assert raw.dtype == np.float32 and raw.shape == (3, 8, 8)  # before the softmax, on the 8x8 token grid
+    assert not np.allclose(raw.sum(0), 1.0)
+    seg = np.asarray(Image.open(out / "segmentation.png").convert("RGB"))
+    assert seg.shape[0] == 384 and seg.shape[1] > 384  # the legend sits right of the image
     info = json.loads((out / "result.json").read_text())
     assert info["model"] == "shapes" and info["concepts"] == ["circle", "square", "grass"]
-    assert info["layers"] and info["steps"] == 20
+    assert info["layers"] and info["steps"] == 20 and info["seconds"] > 0
+    from conceptattention import __version__
+
+    assert info["version"] == __version__ and info["files"]["overlay:grass"] == "grass.png"
+    assert info["files"]["maps_raw"] == "maps_raw.npy" and info["files"]["segmentation"] == "segmentation.png"
 
 
 def test_main_job_encode_and_clear_errors(tmp_path):

@@ -13,6 +13,7 @@ in the paper, and ``concept_tokens="mean"`` averages over the word's tokens inst
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from ..core import ConceptAttention
 from ..errors import ConceptAttentionError, UnsupportedModelError
 from .images import load_image, noise_samples, open_image
-from .result import ConceptResult, result_from_maps, result_from_session
+from .result import ConceptResult, result_from_maps, result_from_session, with_raw
 
 #: Paper defaults (FLUX.1-schnell protocol: double blocks 14-17, t = 0.5, 5 noise samples).
 FLUX_LAYERS = (14, 15, 16, 17)
@@ -187,13 +188,15 @@ class MMDiTPipeline:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         steps_taken = kwargs.get("num_inference_steps", 28)
         calls = self._step_calls(kwargs, map_steps)
-        session = self._session(embeds, layers, readouts, calls=calls)
+        began = time.perf_counter()
+        session = self._session(embeds, layers, with_raw(readouts), calls=calls)
         with session:
             image = self.pipe(prompt, generator=generator, output_type="pil", **kwargs).images[0]
         settings = {"model": self.name, "family": self.family, "mode": "generate", "prompt": prompt, "seed": seed,
                     "steps": steps_taken, "guidance": kwargs.get("guidance_scale"), "layers": list(session.layers),
                     "map_steps": list(map_steps) if map_steps is not None else None, "concept_tokens": concept_tokens,
-                    "size": list(image.size), "readout": list(readouts)[0]}
+                    "size": list(image.size), "readout": list(readouts)[0],
+                    "seconds": round(time.perf_counter() - began, 3)}
         # SD3 with guidance > 1 batches [unconditional, conditional]: the last item is the prompt's
         return result_from_session(image, session, list(concepts), settings, batch_index=-1)
 
@@ -238,14 +241,16 @@ class MMDiTPipeline:
             raise ConceptAttentionError(f"t must be in [0, 1], not {t}")
         if samples < 1:
             raise ConceptAttentionError("samples must be at least 1")
+        began = time.perf_counter()
         embeds = self.encode_concepts(concepts, concept_tokens, max_sequence_length)
         pixels, maps, (width, height) = self._encode_one(image, embeds, caption, t=t, samples=samples, seed=seed,
-                                                         size=size, layers=layers, readouts=readouts,
+                                                         size=size, layers=layers, readouts=with_raw(readouts),
                                                          guidance=guidance, max_sequence_length=max_sequence_length)
         settings = {"model": self.name, "family": self.family, "mode": "encode", "caption": caption, "t": t,
                     "samples": samples, "seed": seed, "size": [width, height],
                     "layers": list(layers) if layers else list(self.default_layers),
-                    "concept_tokens": concept_tokens, "readout": list(readouts)[0]}
+                    "concept_tokens": concept_tokens, "readout": list(readouts)[0],
+                    "seconds": round(time.perf_counter() - began, 3)}
         from .shapes import to_pil
 
         return result_from_maps(to_pil(pixels), maps, list(concepts), settings)

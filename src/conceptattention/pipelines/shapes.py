@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,7 +13,8 @@ from ..core import ConceptAttention, default_layers
 from ..errors import ConceptAttentionError
 from ..shapes.model import IMAGE, ShapesModel, pack, unpack
 from .images import load_image, noise_samples
-from .result import ConceptResult, result_from_maps, result_from_session, upsample as _upsample
+from .result import ConceptResult, result_from_maps, result_from_session, with_raw
+from .result import upsample as _upsample
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "shapes" / "weights"
 
@@ -82,13 +84,14 @@ class ShapesPipeline:
             raise ConceptAttentionError("steps must be at least 1")
         words, embeds = self._concepts(concepts)
         guidance = self.model.config.default_guidance if guidance is None else guidance
-        session = self._session(embeds, layers, list(readouts), calls=map_steps)
+        began = time.perf_counter()
+        session = self._session(embeds, layers, with_raw(readouts), calls=map_steps)
         with session:
             images = self.sample([prompt], [seed], steps=steps, guidance=guidance)
         image = to_pil(images[0])
         settings = {"model": self.name, "mode": "generate", "prompt": prompt, "steps": steps, "guidance": guidance,
                     "seed": seed, "layers": list(session.layers), "map_steps": map_steps,
-                    "readout": readouts[0]}
+                    "readout": readouts[0], "seconds": round(time.perf_counter() - began, 3)}
         return result_from_session(image, session, words, settings, batch_index=-1)
 
     @torch.no_grad()
@@ -208,11 +211,13 @@ class ShapesPipeline:
         readouts: Sequence[str] = ("concept_attention",),
     ) -> ConceptResult:
         """A real image -> maps: noise at ``t`` for ``samples`` seeds batched in one early-stopped pass."""
+        began = time.perf_counter()
         words = [c.strip() for c in concepts]
         pixels = self._pixels(image)
-        maps = self.token_maps([pixels], words, [caption], readouts=readouts, t=t, samples=samples, seeds=[seed],
-                               layers=layers)
+        maps = self.token_maps([pixels], words, [caption], readouts=with_raw(readouts), t=t, samples=samples,
+                               seeds=[seed], layers=layers)
         chosen = list(layers) if layers else list(self.default_layers)
         settings = {"model": self.name, "mode": "encode", "caption": caption, "t": t, "samples": samples,
-                    "seed": seed, "layers": chosen, "readout": readouts[0]}
+                    "seed": seed, "layers": chosen, "readout": readouts[0],
+                    "seconds": round(time.perf_counter() - began, 3)}
         return result_from_maps(to_pil(pixels), {k: v[0] for k, v in maps.items()}, words, settings)
