@@ -1,4 +1,4 @@
-"""Command line: ``conceptattention generate | encode | train-shapes``."""
+"""Command line: ``conceptattention generate | encode | eval | train-shapes | shapes-benchmark | app``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,34 @@ import typer
 from .errors import ConceptAttentionError
 from .pipelines.shapes import ShapesPipeline
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="ConceptAttention saliency maps for diffusion transformers.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=(
+        "ConceptAttention saliency maps for diffusion transformers: where each word of a prompt lives in an "
+        "image. The built-in 'shapes' model works offline on a CPU; FLUX.1 and SD3/SD3.5 via --model.\n\n"
+        "Examples:\n\n"
+        "  conceptattention generate \"a red circle and a blue square on grass\" -c circle square grass -o runs/demo\n\n"
+        "  conceptattention encode photo.png -c circle grass --caption \"a red circle on grass\" -o runs/enc\n\n"
+        "  conceptattention eval --dataset shapes --method all -o runs/eval\n\n"
+        "  conceptattention app"
+    ),
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"conceptattention {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """ConceptAttention saliency maps for diffusion transformers."""
 
 MODEL_HELP = ("'shapes' (built in, offline), a directory written by train-shapes, or a FLUX.1 / SD3 / SD3.5 "
               "diffusers model: hub id or local directory")
@@ -239,6 +266,24 @@ def eval_command(
         _fail(err)
     if results is not None and not quiet and rank == 0:
         typer.echo((out / TABLE_FILE).read_text())
+
+
+@app.command("app")
+def app_command(
+    model: str = typer.Option("shapes", help=MODEL_HELP),
+    device: str = typer.Option("cpu"),
+    host: str = typer.Option("127.0.0.1", help="0.0.0.0 to serve other machines"),
+    port: int = typer.Option(7860),
+    share: bool = typer.Option(False, help="a temporary public gradio.live link"),
+) -> None:
+    """A web page to try prompts and images (needs: pip install "conceptattention[app]")."""
+    from .app import launch
+
+    try:
+        typer.echo(f"serving on http://{host}:{port}  (Ctrl-C stops)")
+        launch(model, device, host, port, share)
+    except ConceptAttentionError as err:
+        _fail(err)
 
 
 def main() -> None:
