@@ -53,12 +53,20 @@ def concept_attention(mode: str, cq, ck, cv, ik, iv):
     raise ValueError(mode)
 
 
-def scores(space: str, o_x, o_c, v_x, v_c, k_x, q_c) -> torch.Tensor:
+def rescale_concepts(c: torch.Tensor) -> torch.Tensor:
+    """The authors' "linear normalisation" of concept vectors ``[B, K, D]``: per channel, minus the
+    minimum over concepts, divided by the sum over concepts."""
+    shifted = c - c.min(dim=1, keepdim=True).values
+    return shifted / shifted.sum(dim=1, keepdim=True)
+
+
+def scores(space: str, o_x, o_c, v_x, v_c, k_x, q_c, concept_norm: str = "none") -> torch.Tensor:
     """Per-layer scores ``[B, K, N]``."""
+    norm = rescale_concepts if concept_norm == "linear" else (lambda c: c)
     if space == "output":
-        return torch.einsum("bnd,bkd->bkn", o_x, o_c)
+        return torch.einsum("bnd,bkd->bkn", o_x, norm(o_c))
     if space == "value":
-        return torch.einsum("bnd,bkd->bkn", merge(v_x), merge(v_c))
+        return torch.einsum("bnd,bkd->bkn", merge(v_x), norm(merge(v_c)))
     if space == "cross_attention":
         probs = (q_c @ k_x.transpose(-1, -2) / q_c.shape[-1] ** 0.5).softmax(dim=-1)  # [B, H, K, N]
         return probs.mean(dim=1)
@@ -76,19 +84,21 @@ def reference_maps(
     space: str,
     softmax: bool,
     pooled: str = "zero",
+    concept_norm: str = "none",
 ) -> torch.Tensor:
     """Mean over ``layers`` and ``calls`` of the per-layer maps ``[B, K, N]`` (float64 accumulation)."""
     total = None
     count = 0
     for inputs in calls:
-        for layer_scores in _one_call(family, transformer, inputs, concepts, layers, stream, space, pooled):
+        for layer_scores in _one_call(family, transformer, inputs, concepts, layers, stream, space, pooled,
+                                      concept_norm):
             s = layer_scores.softmax(dim=1) if softmax else layer_scores
             total = s.double() if total is None else total + s.double()
             count += 1
     return (total / count).float()
 
 
-def _one_call(family, t, inputs, concepts, layers, stream, space, pooled):
+def _one_call(family, t, inputs, concepts, layers, stream, space, pooled, concept_norm="none"):
     hs, enc_in, pooled_in, ts = (
         inputs["hidden_states"],
         inputs["encoder_hidden_states"],
@@ -141,7 +151,7 @@ def _one_call(family, t, inputs, concepts, layers, stream, space, pooled):
         o_c = concept_attention(stream, cq, ck, cv, k_x, v_x)
 
         if index in layers:
-            yield scores(space, o_x, merge(o_c), v_x, cv, k_x, cq).float()
+            yield scores(space, o_x, merge(o_c), v_x, cv, k_x, cq, concept_norm).float()
         if gates is not None:
             g_msa, shift, scale, g_mlp = gates
             c = c + g_msa[:, None] * attn.to_add_out(merge(o_c))

@@ -90,6 +90,17 @@ def test_score_sample_counts_by_hand():
     assert r["pick"] == [8, 8]
 
 
+def test_linear_norm_readout_is_validated():
+    from conceptattention.readouts import Readout, linear_norm
+
+    with pytest.raises(ConceptAttentionError, match="not cross_attention"):
+        Readout("cross_attention", True, "cross+self", "linear")
+    with pytest.raises(ConceptAttentionError, match="'none' or 'linear'"):
+        Readout("output", True, "cross+self", "l2")
+    x = torch.tensor([[[1.0, -2.0], [3.0, 0.0], [2.0, 4.0]]])  # [B=1, K=3, D=2]
+    torch.testing.assert_close(linear_norm(x, -2), torch.tensor([[[0.0, 0.0], [2 / 3, 2 / 8], [1 / 3, 6 / 8]]]))
+
+
 def test_methods_registry_resolves_and_extends():
     names = [m.name for m in resolve_methods("all")]
     assert names[0] == "concept_attention" and "daam" in names and "cross_attention" in names

@@ -24,7 +24,8 @@ def check_all(family, model, runs, embeds, layers, pooled="zero", grid=(3, 5), *
     norm_layers = sorted({l % len(model.transformer_blocks) for l in layers})
     counted = [c for i, c in enumerate(runs) if session.get("calls") is None or i in session["calls"]]
     for name, r in READOUTS.items():
-        expected = reference_maps(family, model, counted, embeds, norm_layers, r.stream, r.space, r.softmax, pooled)
+        expected = reference_maps(family, model, counted, embeds, norm_layers, r.stream, r.space, r.softmax, pooled,
+                                  r.concept_norm)
         actual = ca.token_maps(name)
         assert actual.shape == expected.shape
         assert rel_err(actual, expected) <= 1e-5, name

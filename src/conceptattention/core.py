@@ -366,9 +366,9 @@ class ConceptAttention:
         step: Any,
     ) -> None:
         k = self.num_concepts
-        raw: dict[tuple[str, str], torch.Tensor] = {}
+        raw: dict[tuple[str, str, str], torch.Tensor] = {}
         for name, readout in self.readouts.items():
-            pair = (readout.stream, readout.space)
+            pair = (readout.stream, readout.space, readout.concept_norm)
             if pair not in raw:
                 s = self._streams.index(readout.stream)
                 sl = slice(s * k, (s + 1) * k)
@@ -380,6 +380,7 @@ class ConceptAttention:
                     concept_value=step.value[:, :, sl],
                     image_key=image_key,
                     concept_query=step.query[:, :, sl],
+                    concept_norm=readout.concept_norm,
                 )
             scores = raw[pair].softmax(dim=1) if readout.softmax else raw[pair]
             total = self._sums.get(name)

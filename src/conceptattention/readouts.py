@@ -12,6 +12,9 @@ A *readout* names three choices:
   ``v_x[i] · v_c[c]``; ``"cross_attention"`` the attention probability of concept query c on image
   key i, softmax over image tokens, mean over heads.
 - ``softmax``: whether each layer's scores get a softmax over concepts before being averaged.
+- ``concept_norm``: ``"linear"`` rescales the concept vectors of the compared space across concepts
+  before the dot product (per channel: subtract the minimum over concepts, divide by the sum over
+  concepts), as the authors' benchmark scripts do; ``"none"`` (default) compares them as they are.
 
 Maps are the mean over the chosen layers and transformer calls of those per-layer scores.
 """
@@ -39,8 +42,13 @@ class Readout:
     space: Space = "output"
     softmax: bool = True
     stream: Stream = "cross+self"
+    concept_norm: str = "none"
 
     def __post_init__(self) -> None:
+        if self.concept_norm not in ("none", "linear"):
+            raise ConceptAttentionError(f"concept_norm is 'none' or 'linear', not {self.concept_norm!r}")
+        if self.concept_norm != "none" and self.space == "cross_attention":
+            raise ConceptAttentionError("concept_norm applies to the output and value spaces, not cross_attention")
         if self.space not in SPACES:
             raise ConceptAttentionError(f"unknown space {self.space!r}; choose one of {', '.join(SPACES)}")
         if self.stream not in STREAMS:
@@ -58,6 +66,7 @@ READOUTS: dict[str, Readout] = {
     "cross_attention_softmax": Readout("cross_attention", True, "cross+self"),
     "value": Readout("value", True, "cross+self"),
     "value_no_softmax": Readout("value", False, "cross+self"),
+    "concept_attention_linear_norm": Readout("output", True, "cross+self", "linear"),
 }
 
 
@@ -69,6 +78,8 @@ def resolve_readouts(readouts: Iterable[str | Readout] | str | Readout) -> dict[
     for item in readouts:
         if isinstance(item, Readout):
             name = f"{item.stream}/{item.space}/{'softmax' if item.softmax else 'raw'}"
+            if item.concept_norm != "none":
+                name = f"{item.stream}/{item.space}/{item.concept_norm}/{'softmax' if item.softmax else 'raw'}"
             resolved[name] = item
         elif isinstance(item, str):
             if item not in READOUTS:
@@ -115,6 +126,7 @@ def layer_scores(
     concept_value: torch.Tensor,
     image_key: torch.Tensor,
     concept_query: torch.Tensor,
+    concept_norm: str = "none",
 ) -> torch.Tensor:
     """Raw per-layer scores ``[B, K, N]`` in float32 for one space.
 
@@ -122,11 +134,19 @@ def layer_scores(
     concept_value / concept_query ``[B, H, K, Dh]``.
     """
     if space == "output":
-        return torch.einsum("bkd,bnd->bkn", concept_out, image_out).float()
+        return torch.einsum("bkd,bnd->bkn", linear_norm(concept_out, -2, concept_norm), image_out).float()
     if space == "value":
-        return torch.einsum("bhkd,bhnd->bkn", concept_value, image_value).float()
+        return torch.einsum("bhkd,bhnd->bkn", linear_norm(concept_value, -2, concept_norm), image_value).float()
     if space == "cross_attention":
         scale = concept_query.shape[-1] ** -0.5
         logits = torch.einsum("bhkd,bhnd->bhkn", concept_query.float(), image_key.float()) * scale
         return logits.softmax(dim=-1).mean(dim=1)
     raise ConceptAttentionError(f"unknown space {space!r}")
+
+
+def linear_norm(x: torch.Tensor, dim: int, mode: str = "linear") -> torch.Tensor:
+    """Per channel across ``dim``: subtract the minimum, divide by the sum (identity for mode "none")."""
+    if mode == "none":
+        return x
+    shifted = x - x.amin(dim=dim, keepdim=True)
+    return shifted / shifted.sum(dim=dim, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)

@@ -46,6 +46,8 @@ _READOUT_DESCRIPTIONS = {
     "cross_attention_softmax": "cross attention, then a softmax over concepts",
     "value": "value space: image value x concept value, softmax over concepts",
     "value_no_softmax": "value space without the softmax over concepts",
+    "concept_attention_linear_norm": "ConceptAttention with the authors' linear normalisation of concept "
+                                     "vectors (their benchmark scripts)",
 }
 
 for _name in READOUTS:
