@@ -87,6 +87,35 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     assert (whole / "model.safetensors").is_file() and (parts / "config.json").is_file()
 
 
+def test_object_weighted_loss_and_init_from_weights(tiny_dir, tmp_path):
+    from conceptattention.shapes import world
+    from conceptattention.shapes.train import pixel_weights
+
+    scenes = world.sample_scenes(3, seed=11)
+    _, labels = world.render(scenes)
+    w = unpack(pixel_weights(labels, 4.0, TINY.patch), TINY.patch)  # back to [B, 3, 64, 64]
+    objects = labels > 0
+    assert torch.all(w[:, 0][objects] == 4.0) and torch.all(w[:, 1] == w[:, 0])
+    far = torch.nn.functional.max_pool2d(objects.float()[:, None], 9, 1, 4)[:, 0] == 0
+    assert torch.all(w[:, 0][far] == 1.0)  # background away from any object keeps weight 1
+    rim = (w[:, 0] == 4.0) & ~objects
+    assert 0 < rim.sum() < objects.sum()  # a thin rim around the objects
+
+    torch.manual_seed(0)
+    model = ShapesModel(TINY)
+    cfg = TrainConfig(batch=4, bf16=False)
+    plain = batch_loss(model, 3, cfg, torch.device("cpu"))
+    assert torch.equal(batch_loss(model, 3, replace(cfg, object_weight=1.0), torch.device("cpu")), plain)
+    assert not torch.allclose(batch_loss(model, 3, replace(cfg, object_weight=5.0), torch.device("cpu")), plain)
+
+    # --init-from continues from saved weights: the first exported EMA starts from them
+    cont = replace(cfg, steps=1, lr=1e-12, warmup=1, init_from=str(tiny_dir), log_every=1)
+    out = train(tmp_path / "cont", cont, progress=False)
+    start, after = ShapesModel.load(tiny_dir), ShapesModel.load(out)
+    for (name, a), b in zip(start.state_dict().items(), after.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-2, msg=name)  # bf16 storage, a step of lr 1e-12
+
+
 def test_pipeline_generate_and_encode(tiny_dir, tmp_path):
     pipe = ShapesPipeline.from_pretrained(tiny_dir)
     res = pipe.generate("a red circle on grass", ["circle", "grass", "red"], steps=3, seed=1)

@@ -171,6 +171,7 @@ def train_shapes(
     warmup: Optional[int] = typer.Option(None, help="warm-up steps (default: the shipped model's)"),
     init_from: Optional[str] = typer.Option(
         None, "--init-from", help="continue from existing weights: 'shapes' (shipped) or a weights directory"),
+    object_weight: Optional[float] = typer.Option(None, help="loss weight of object pixels (background 1)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     max_seconds: Optional[float] = typer.Option(None, help="stop (with a checkpoint) after this long"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -183,7 +184,8 @@ def train_shapes(
     cfg = TrainConfig(seed=seed)
     if steps is not None:
         cfg = replace(cfg, steps=steps)
-    for name, value in (("batch", batch), ("lr", lr), ("warmup", warmup), ("init_from", init_from)):
+    for name, value in (("batch", batch), ("lr", lr), ("warmup", warmup), ("init_from", init_from),
+                        ("object_weight", object_weight)):
         if value is not None:
             cfg = replace(cfg, **{name: value})
     weights = train(out, cfg, device=device, progress=not quiet, max_seconds=max_seconds)

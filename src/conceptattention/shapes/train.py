@@ -43,6 +43,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     log_every: int = 20
     init_from: str = ""  # start from these weights ("shapes" = the shipped model, or a weights directory)
+    object_weight: float = 1.0  # loss weight of pixels on or within 2 px of an object (background: 1)
 
 
 def data_seed(seed: int, step: int) -> int:
@@ -60,7 +61,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
     scenes = world.sample_scenes(cfg.batch, data_seed(cfg.seed, step))
-    images, _ = world.render(scenes, device)
+    images, labels = world.render(scenes, device)
     texts = world.captions(scenes, cfg.single_word_rate)
     g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
     drop = torch.rand(cfg.batch, generator=g) < cfg.caption_dropout
@@ -72,7 +73,19 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         tokens, pooled = model.encode_text(texts)
         pred = model.velocity(x_t, t, tokens, pooled)
-    return (pred.float() - (noise - x0)).pow(2).mean()
+    error = (pred.float() - (noise - x0)).pow(2)
+    if cfg.object_weight == 1.0:
+        return error.mean()
+    weights = pixel_weights(labels, cfg.object_weight, model.config.patch)
+    return (error * weights).sum() / weights.sum()
+
+
+def pixel_weights(labels: torch.Tensor, object_weight: float, patch: int) -> torch.Tensor:
+    """Loss weights in the token layout ``[B, N, 3 p^2]``: ``object_weight`` on objects and a 2-px rim
+    around them (where a shape's outline is decided), 1 on the background."""
+    near = torch.nn.functional.max_pool2d((labels > 0).float()[:, None], kernel_size=5, stride=1, padding=2)
+    weights = 1.0 + (object_weight - 1.0) * near
+    return pack(weights.expand(-1, 3, -1, -1).contiguous(), patch)
 
 
 def init_model(source: str) -> ShapesModel:
@@ -193,13 +206,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
     p.add_argument("--init-from", default="")
+    p.add_argument("--object-weight", type=float, default=TrainConfig.object_weight)
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, warmup=a.warmup, init_from=a.init_from)
+    cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, warmup=a.warmup, init_from=a.init_from,
+                      object_weight=a.object_weight)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 
 
