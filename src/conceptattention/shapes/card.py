@@ -39,18 +39,34 @@ def training_minutes(log: list[dict]) -> float:
     return (total + last) / 60
 
 
-def write_card(weights: Path, run: Path, report: dict, validation: dict, hardware: str, history: str = "") -> Path:
-    """MODEL_CARD.md (+ loss_curve.png) next to the weights."""
-    meta = json.loads((weights / "config.json").read_text())
+def stage_record(run: Path, command: str, note: str = "") -> dict:
+    """What the card says about one training stage: its config, steps, minutes, log and command."""
+    meta = json.loads((run / "weights" / "config.json").read_text())
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    return {"train_config": meta.get("train_config", {}), "steps": meta.get("steps"), "minutes": training_minutes(log),
+            "log": log, "command": command, "note": note}
+
+
+def write_card(weights: Path, stages: list[dict], report: dict, validation: dict, hardware: str) -> Path:
+    """MODEL_CARD.md (+ loss_curve.png) next to the weights; ``stages`` from :func:`stage_record`, in order."""
+    meta = json.loads((weights / "config.json").read_text())
+    log, offset = [], 0
+    for stage in stages:  # one curve over all stages, steps counted from the first
+        log += [{**r, "step": r["step"] + offset} for r in stage["log"]]
+        offset += stage["steps"]
     loss_curve_png(log, weights / "loss_curve.png")
     from .benchmark import markdown_table
 
-    cfg, train = meta["config"], meta.get("train_config", {})
+    cfg, first = meta["config"], stages[0]["train_config"]
     size_mb = (weights / "model.safetensors").stat().st_size / 2**20
-    every = max(1, len(log) // 10)
-    rows = "\n".join(f"| {r['step']} | {r['loss']:.4f} | {training_minutes(log[: log.index(r) + 1]):.1f} |"
-                     for r in log[::every] + log[-1:])
+    every = max(1, len(log) // 12)
+    rows = "\n".join(f"| {r['step']} | {r['loss']:.4f} |" for r in log[::every] + log[-1:])
+    stage_rows = "\n".join(
+        f"| {i + 1} | {(f'stage {i} weights' if i else s['train_config'].get('init_from')) if s['train_config'].get('init_from') else 'scratch'} | {s['steps']} | {s['train_config'].get('lr')} | "
+        f"{s['train_config'].get('warmup')} | {s['train_config'].get('seed')} | {s['train_config'].get('object_weight', 1.0)} | "
+        f"{s['minutes']:.0f} | `{s['command']}` |" for i, s in enumerate(stages))
+    notes = " ".join(f"Stage {i + 1}: {s['note']}" for i, s in enumerate(stages) if s["note"])
+    total = sum(s["steps"] for s in stages)
     text = f"""# The shapes model
 
 A diffusers `FluxTransformer2DModel` and a word-level text encoder, trained by this project on the
@@ -64,21 +80,27 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
 - image "latents": pixels in [-1, 1], {cfg['patch']}x{cfg['patch']} patches -> {(64 // cfg['patch']) ** 2} tokens of {3 * cfg['patch'] ** 2} values;
 - text encoder: vocabulary of {len(cfg['vocab']) - 1} words + padding, {cfg['text_layers']} transformer layers of width
   {cfg['text_dim']}, at most {cfg['max_tokens']} words; pooled vector = mean over real words;
-- maps read from double-stream blocks {cfg.get('map_layers')} by default (chosen on the validation seed).
+- maps read from double-stream blocks {cfg.get('map_layers')} by default, guidance {cfg.get('default_guidance')}
+  (both chosen on the validation seed).
 
 ## Data and training
 - fresh batches from the shapes world every step (1-3 objects; 3 shapes x 4 colours; gray / grass / sky);
-  {100 * train.get('single_word_rate', 0):.0f}% of captions are a single true word (so concepts encoded alone are in
-  distribution), {100 * train.get('caption_dropout', 0):.0f}% are empty (classifier-free guidance);
+  {100 * first.get('single_word_rate', 0):.0f}% of captions are a single true word (so concepts encoded alone are in
+  distribution), {100 * first.get('caption_dropout', 0):.0f}% are empty (classifier-free guidance);
 - rectified flow as in Flux (`x_t = t noise + (1 - t) x_0`, target `noise - x_0`), logit-normal t
-  (mean {train.get('t_mean')}, std {train.get('t_std')}); AdamW lr {train.get('lr')} (warm-up {train.get('warmup')},
-  cosine to 10%), batch {train.get('batch')}, EMA {train.get('ema')}, bf16 autocast, seed {train.get('seed')};
-- {meta.get('steps')} steps on {hardware}, {training_minutes(log):.0f} minutes of training
-  (`conceptattention train-shapes --out DIR` reproduces it from these defaults; it resumes from
-  `DIR/checkpoint.pt`). {history}
+  (mean {first.get('t_mean')}, std {first.get('t_std')}); AdamW (linear warm-up, cosine to 10% of the peak
+  learning rate), batch {first.get('batch')}, EMA {first.get('ema')}, gradient clipping {first.get('grad_clip')},
+  bf16 autocast; "object weight" is the loss weight of pixels on or within 2 px of an object;
+- {total} steps in {len(stages)} stage(s) on {hardware}, {sum(s['minutes'] for s in stages):.0f} minutes of training.
+  Each stage is reproduced by its command (a stage starting from weights reads the previous stage's
+  exported `weights/`); every run resumes from `DIR/checkpoint.pt`. {notes}
 
-| step | loss | minutes |
-|---|---|---|
+| stage | starts from | steps | peak lr | warm-up | seed | object weight | minutes | command |
+|---|---|---|---|---|---|---|---|---|
+{stage_rows}
+
+| step (all stages) | loss |
+|---|---|
 {rows}
 
 ![loss curve](loss_curve.png)
@@ -89,7 +111,8 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
 
 Validation (seed {validation.get('seed')}) used to choose settings: {json.dumps({k: v for k, v in validation.items() if k != 'seed'})}
 
-Reproduce: `conceptattention shapes-benchmark --out runs/bench`.
+Reproduce: `conceptattention shapes-benchmark --out runs/bench`; the benchmark table of every method:
+`conceptattention eval --dataset shapes --method all --out runs/eval-shapes`.
 """
     path = weights / "MODEL_CARD.md"
     path.write_text(text)
