@@ -197,3 +197,32 @@ def test_cli_generate_encode_and_errors(tiny_dir, tmp_path):
     assert r.exit_code == 2 and "error: the shapes model does not know 'dog'" in r.output
     r = runner.invoke(app, ["encode", str(tmp_path / "nope.png"), "--concepts", "circle", "--model", str(tiny_dir)])
     assert r.exit_code == 2 and "image file not found" in r.output
+
+
+def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
+    import shutil
+
+    from conceptattention.shapes.card import stage_record, training_minutes, write_card
+
+    # a resumed run: the clock restarts at 0 in the second segment -> 2 + 3 minutes
+    assert training_minutes([{"seconds": 60}, {"seconds": 120}, {"seconds": 60}, {"seconds": 180}]) == 5.0
+    runs = []
+    for i, (steps, init) in enumerate(((40, ""), (20, "shapes"))):
+        run = tmp_path / f"run{i}"
+        (run / "weights").mkdir(parents=True)
+        meta = {"config": {}, "steps": steps, "train_config": {"lr": 0.001 * (i + 1), "init_from": init, "seed": i,
+                                                                "warmup": 5, "object_weight": 1.0 + 3 * i}}
+        (run / "weights" / "config.json").write_text(json.dumps(meta))
+        (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "seconds": 6.0 * s})
+                                                  for s in range(10, steps + 1, 10)))
+        runs.append(stage_record(run, f"train-shapes --out run{i}", "a note" if i == 0 else ""))
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_dir, weights)
+    maps = {"images": 1, "seed": 7, "layers": [1], "t": 0.5, "samples": 1, "concepts": ["circle"],
+            "readouts": {"concept_attention": {"pixel_accuracy": 0.5, "miou": 0.4, "paper_compatible_miou": 0.33,
+                                               "map": 0.6, "shape_pick": 0.7}}}
+    card = write_card(weights, runs, {"maps": maps, "samples": None}, {"seed": 1}, "a test machine").read_text()
+    assert "| 1 | scratch | 40 | 0.001 |" in card and "| 2 | stage 1 weights | 20 | 0.002 |" in card
+    assert "`train-shapes --out run1`" in card and "Stage 1: a note" in card and "60 steps in 2 stage(s)" in card
+    assert "| 60 | 0.0500 |" in card  # the second stage's last log line, counted from the first stage
+    assert (weights / "loss_curve.png").is_file()
