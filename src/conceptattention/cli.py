@@ -253,9 +253,11 @@ def eval_command(
       --device cuda --dtype bfloat16 --method concept_attention,cross_attention --out runs/voc
     """
     from .eval.datasets import load_dataset
+    from .eval.methods import resolve_methods
     from .eval.runner import TABLE_FILE, distributed_rank, evaluate
 
     try:
+        resolve_methods(list(method))  # a typo fails before any loading
         rank, _ = distributed_rank()
         if device == "cuda" and "LOCAL_RANK" in os.environ:
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per process under a launcher
