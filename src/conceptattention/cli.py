@@ -118,7 +118,16 @@ def generate(
     offload: Optional[str] = typer.Option(None, help="'model' or 'sequential' CPU offload (FLUX.1 / SD3)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Generate an image from PROMPT and one saliency map per concept."""
+    """Generate an image from PROMPT and one saliency map per concept.
+
+    Writes image.png, maps.npy, maps_raw.npy, <concept>.png overlays, grid.png, segmentation.png and
+    result.json into --out.
+
+    Examples:\n
+      conceptattention generate "a red circle and a blue square on grass" -c circle square grass -o runs/demo\n
+      conceptattention generate "a dog next to a tree" -c dog tree sky --model black-forest-labs/FLUX.1-schnell
+      --steps 4 --guidance 0 --device cuda --dtype bfloat16 -o runs/flux
+    """
     try:
         words = _concepts(list(concepts) + list(ctx.args))
         pipe = _load(model, device, dtype, offload)
@@ -150,7 +159,13 @@ def encode(
     offload: Optional[str] = typer.Option(None, help="'model' or 'sequential' CPU offload (FLUX.1 / SD3)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Saliency maps of the concepts in a real IMAGE."""
+    """Saliency maps of the concepts in a real IMAGE (noise at t, several noise draws, one early-stopped pass).
+
+    Examples:\n
+      conceptattention encode runs/demo/image.png -c circle square grass --caption "a red circle on grass" -o runs/enc\n
+      conceptattention encode dog.jpg -c dog grass sky background --caption "a dog"
+      --model stabilityai/stable-diffusion-3.5-medium --device cuda --dtype bfloat16 -o runs/sd35
+    """
     try:
         words = _concepts(list(concepts) + list(ctx.args))
         pipe = _load(model, device, dtype, offload)
