@@ -67,6 +67,8 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
         f"{s['minutes']:.0f} | `{s['command']}` |" for i, s in enumerate(stages))
     notes = " ".join(f"Stage {i + 1}: {s['note']}" for i, s in enumerate(stages) if s["note"])
     total = sum(s["steps"] for s in stages)
+    weighted_note = ("\nA stage with an object weight logs the weighted mean loss, on a different scale from the others.\n"
+                     if any(s["train_config"].get("object_weight", 1.0) != 1.0 for s in stages) else "")
     text = f"""# The shapes model
 
 A diffusers `FluxTransformer2DModel` and a word-level text encoder, trained by this project on the
@@ -102,7 +104,7 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
 | step (all stages) | loss |
 |---|---|
 {rows}
-
+{weighted_note}
 ![loss curve](loss_curve.png)
 
 ## Held-out quality (seed {report['maps']['seed']}, never trained on)
