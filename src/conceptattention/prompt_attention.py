@@ -39,6 +39,7 @@ class PromptAttention:
         self._sum: torch.Tensor | None = None
         self._count = 0
         self._rope: Any = None
+        self._tables: tuple[Any, Any] | None = None  # (image, prompt) rotation tables of this call
         self._grid: Callable[[], tuple[int, int]] | None = None
         self._capture: dict[str, torch.Tensor] = {}
         self._in_block: int | None = None
@@ -80,7 +81,7 @@ class PromptAttention:
 
     # ----- hooks ------------------------------------------------------------------------------------
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._rope, self._capture = None, {}
+        self._rope, self._tables, self._capture = None, None, {}
         bound = self._signature.bind_partial(module, *args, **kwargs).arguments
         self._grid = self.adapter.read_call(module, bound).grid
 
@@ -118,8 +119,11 @@ class PromptAttention:
             raise ConceptAttentionError(f"block {index} did not expose its image queries and prompt keys; the "
                                         f"{self.adapter.name} adapter does not match this transformer")
         if self._rope is not None:
-            query = self.adapter.apply_rope(query, self.adapter.image_rope(self._rope, query.shape[1], query.dtype))
-            text_rope = self.adapter.text_rope(self._rope, key.shape[1], key.dtype)
+            if self._tables is None:  # once per call, shared by the layers
+                self._tables = (self.adapter.image_rope(self._rope, query.shape[1], query.dtype),
+                                self.adapter.text_rope(self._rope, key.shape[1], key.dtype))
+            image_rope, text_rope = self._tables
+            query = self.adapter.apply_rope(query, image_rope)
             if text_rope is not None:
                 key = self.adapter.apply_rope(key, text_rope)
         q, k = query.transpose(1, 2).float(), key.transpose(1, 2).float()  # [B, H, N|S, Dh]

@@ -121,7 +121,7 @@ class ShapesDataset(Dataset):
         self.images, self.labels = world.render(self.scenes)
         self.captions = world.captions(self.scenes)
         self.word_masks = {w: world.concept_mask(self.scenes, self.labels, w) for w in self.concepts}
-        self.shapes = tuple(world.SHAPES)
+        self.shapes, self.backgrounds = tuple(world.SHAPES), tuple(world.BACKGROUNDS)
 
     def describe(self) -> dict[str, Any]:
         return {"dataset": self.name, "images": self.n, "seed": self.seed}
@@ -140,7 +140,7 @@ class ShapesDataset(Dataset):
         for slot, (_, shape) in enumerate(objects, start=1):  # label map slot 1 = first present object
             label[self.labels[index] == slot] = 1 + self.shapes.index(shape)
         present = sorted({shape for _, shape in objects}, key=self.shapes.index)
-        background_words = [w for w in ("background", *self._background_names()) if w in words]
+        background_words = [w for w in ("background", *self.backgrounds) if w in words]
         candidates = [concepts.index(w) for w in background_words] + [concepts.index(s) for s in present]
         classes = [0] * len(background_words) + [1 + self.shapes.index(s) for s in present]
         pick = None
@@ -151,12 +151,6 @@ class ShapesDataset(Dataset):
             pick = PickTarget((concepts.index(objects[0][1]), concepts.index(objects[1][1])), truth)
         return Sample(f"shapes-{self.seed}-{index}", self.images[index], caption, list(concepts), binary,
                       MultiTarget(label, candidates, classes), pick)
-
-    @staticmethod
-    def _background_names() -> tuple[str, ...]:
-        from ..shapes import world
-
-        return tuple(world.BACKGROUNDS)
 
 
 # ----- ImageNet-Segmentation ----------------------------------------------------------------------------
@@ -301,7 +295,6 @@ class VOCDataset(Dataset):
             classes = sorted(int(c) for c in np.unique(self._label(image_id)) if c not in (0, VOID))
             if split == "multi" or len(classes) == 1:
                 self.items.append((image_id, classes))
-        self.void_pixels = 0
 
     def _label(self, image_id: str) -> np.ndarray:
         path = self.root / "SegmentationClass" / f"{image_id}.png"

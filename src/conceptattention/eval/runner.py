@@ -144,7 +144,7 @@ def markdown_table(results: dict) -> str:
     lines = [f"Dataset **{results['dataset']['dataset']}**, {results['images']} images, model `{results['model']}`.", "",
              "Settings: " + ", ".join(f"{k} = {v}" for k, v in s.items()) + ".", ""]
     first = next(iter(results["methods"].values()), {})
-    head, rule = ["method"], ["---"]
+    head = ["method"]
     if "binary" in first:
         head += ["pixel acc", "mIoU", "paper-compatible mIoU", "mAP"]
     if "multi" in first:

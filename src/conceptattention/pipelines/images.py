@@ -67,3 +67,21 @@ def noise_samples(shape: tuple[int, ...], samples: int, seed: int) -> torch.Tens
     so S batched draws are exactly the draws of S single runs with seeds seed .. seed + S - 1."""
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + i))
                         for i in range(samples)])
+
+
+def batch_seeds(images: Any, captions: Any, seeds: Any) -> list[int]:
+    """Check there is one caption per image (at least one image); the noise seed of each image
+    (default: its position in the batch)."""
+    if len(images) != len(captions) or not len(images):
+        raise ConceptAttentionError(f"give one caption per image ({len(images)} images, {len(captions)} captions)")
+    return list(range(len(images))) if seeds is None else [int(s) for s in seeds]
+
+
+def sum_word_tokens(per_token: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
+    """Per-prompt-token maps ``[S, h, w]`` -> one map per concept ``[K, h, w]``: the sum over the
+    concept's token positions (all zero for a concept with none)."""
+    out = torch.zeros(len(positions), *per_token.shape[-2:])
+    for k, where in enumerate(positions):
+        if where:
+            out[k] = per_token[where].sum(0)
+    return out

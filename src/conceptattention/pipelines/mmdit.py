@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..core import ConceptAttention
 from ..errors import ConceptAttentionError, UnsupportedModelError
-from .images import load_image, noise_samples, open_image
+from .images import batch_seeds, load_image, noise_samples, open_image, sum_word_tokens
 from .result import ConceptResult, result_from_maps, result_from_session, with_raw
 
 #: Paper defaults (FLUX.1-schnell protocol: double blocks 14-17, t = 0.5, 5 noise samples).
@@ -300,12 +300,12 @@ class MMDiTPipeline:
         def norm(w: str) -> str:
             return w.strip(".,;:!?\"'()").lower()
 
-        target = [norm(w) for w in concept.split()]
+        target, normed = [norm(w) for w in concept.split()], [norm(w) for w in words]
         clip_only = self.family == "sd3" and getattr(self.pipe, "text_encoder_3", None) is None
         limit = self.pipe.tokenizer_max_length - 1 if clip_only else start + max_sequence_length  # truncation
         positions: list[int] = []
         for i in range(len(words) - len(target) + 1):
-            if [norm(w) for w in words[i : i + len(target)]] == target:
+            if normed[i : i + len(target)] == target:
                 for j in range(i, i + len(target)):
                     positions += [p for p in range(starts[j], starts[j] + counts[j]) if p < limit]
         return positions
@@ -330,12 +330,10 @@ class MMDiTPipeline:
         its caption (all zero for a concept the caption does not contain). ``concept_tokens`` is unused."""
         from ..prompt_attention import PromptAttention
 
-        if len(images) != len(captions) or not images:
-            raise ConceptAttentionError(f"give one caption per image ({len(images)} images, {len(captions)} captions)")
+        seeds = batch_seeds(images, captions, seeds)
         words = [str(c).strip() for c in concepts]
         if not words:
             raise ConceptAttentionError("the concept list is empty: pass at least one concept")
-        seeds = list(range(len(images))) if seeds is None else list(seeds)
         chosen = list(layers) if layers else list(self.default_layers)
         out = []
         for image, caption, seed in zip(images, captions, seeds):
@@ -344,12 +342,7 @@ class MMDiTPipeline:
             with PromptAttention(self.transformer, layers=chosen) as session:
                 session.forward_until_last_layer(**inputs)
             per_token = session.maps().mean(0).float().cpu()  # [S_text, h, w]
-            maps = torch.zeros(len(words), *per_token.shape[-2:])
-            for k, word in enumerate(words):
-                positions = self.word_positions(caption, word, max_sequence_length)
-                if positions:
-                    maps[k] = per_token[positions].sum(0)
-            out.append(maps)
+            out.append(sum_word_tokens(per_token, [self.word_positions(caption, w, max_sequence_length) for w in words]))
         try:
             return torch.stack(out)
         except RuntimeError:
@@ -376,9 +369,7 @@ class MMDiTPipeline:
 
         Images must give the same token grid (pass ``size`` for images of different shapes).
         """
-        if len(images) != len(captions) or not images:
-            raise ConceptAttentionError(f"give one caption per image ({len(images)} images, {len(captions)} captions)")
-        seeds = list(range(len(images))) if seeds is None else list(seeds)
+        seeds = batch_seeds(images, captions, seeds)
         embeds = self.encode_concepts(concepts, concept_tokens, max_sequence_length)
         per_image = [self._encode_one(im, embeds, cap, t=t, samples=samples, seed=int(sd), size=size, layers=layers,
                                       readouts=readouts, guidance=guidance, max_sequence_length=max_sequence_length)[1]

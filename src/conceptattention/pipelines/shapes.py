@@ -12,7 +12,7 @@ from PIL import Image
 from ..core import ConceptAttention, default_layers
 from ..errors import ConceptAttentionError
 from ..shapes.model import IMAGE, ShapesModel, pack, unpack
-from .images import load_image, noise_samples
+from .images import batch_seeds, load_image, noise_samples, sum_word_tokens
 from .result import ConceptResult, result_from_maps, result_from_session, with_raw
 from .result import upsample as _upsample
 
@@ -154,9 +154,7 @@ class ShapesPipeline:
             raise ConceptAttentionError(f"t must be in [0, 1], not {t}")
         if samples < 1:
             raise ConceptAttentionError("samples must be at least 1")
-        if len(images) != len(captions) or not images:
-            raise ConceptAttentionError(f"give one caption per image ({len(images)} images, {len(captions)} captions)")
-        seeds = list(range(len(images))) if seeds is None else list(seeds)
+        seeds = batch_seeds(images, captions, seeds)
         b, patch = len(images), self.model.config.patch
         pixels = torch.stack([self._pixels(im) for im in images]).to(self.device)
         x0 = pack(pixels * 2 - 1, patch)  # [B, N, C]
@@ -188,14 +186,12 @@ class ShapesPipeline:
         with PromptAttention(self.model.transformer, layers=chosen) as session:
             session.forward_until_last_layer(**inputs)
         per_token = session.maps().unflatten(0, (b, samples)).mean(1).float().cpu()  # [B, S_text, h, w]
-        out = torch.zeros(b, len(words), *per_token.shape[-2:])
+        maps = []
         for i, caption in enumerate(captions):
             tokens = caption.lower().replace(",", " ").split()  # the shapes tokenizer: one token per word
-            for k, word in enumerate(words):
-                positions = [p for p, tok in enumerate(tokens) if tok == word.lower()]
-                if positions:
-                    out[i, k] = per_token[i, positions].sum(0)
-        return out
+            positions = [[p for p, tok in enumerate(tokens) if tok == word.lower()] for word in words]
+            maps.append(sum_word_tokens(per_token[i], positions))
+        return torch.stack(maps)
 
     @torch.no_grad()
     def encode(
