@@ -188,6 +188,8 @@ def train_shapes(
         None, "--init-from", help="continue from existing weights: 'shapes' (shipped) or a weights directory"),
     object_weight: Optional[float] = typer.Option(None, help="loss weight of object pixels (background 1)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
+    precision: str = typer.Option(
+        "auto", help="bf16 (autocast), fp32 (TF32 matrix products on CUDA) or auto: bf16 on CPU, fp32 on CUDA"),
     max_seconds: Optional[float] = typer.Option(None, help="stop (with a checkpoint) after this long"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -196,7 +198,10 @@ def train_shapes(
 
     from .shapes.train import TrainConfig, train
 
-    cfg = TrainConfig(seed=seed)
+    if precision not in ("auto", "bf16", "fp32"):
+        _fail(ConceptAttentionError(f"--precision must be auto, bf16 or fp32, not {precision!r}"))
+    bf16 = precision == "bf16" or (precision == "auto" and not device.startswith("cuda"))
+    cfg = TrainConfig(seed=seed, bf16=bf16)
     if steps is not None:
         cfg = replace(cfg, steps=steps)
     for name, value in (("batch", batch), ("lr", lr), ("warmup", warmup), ("init_from", init_from),

@@ -39,7 +39,7 @@ class TrainConfig:
     t_mean: float = 0.3  # logit-normal timestep sampling, tilted towards noise (layout)
     t_std: float = 1.0
     grad_clip: float = 1.0
-    bf16: bool = True  # autocast on CPU (AMX) and CUDA
+    bf16: bool = True  # bf16 autocast (CPU with AMX, CUDA); False: float32 (TF32 matrix products on CUDA)
     checkpoint_every: int = 200
     log_every: int = 20
     init_from: str = ""  # start from these weights ("shapes" = the shipped model, or a weights directory)
@@ -67,7 +67,11 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
     drop = torch.rand(cfg.batch, generator=g) < cfg.caption_dropout
     texts = ["" if d else t for t, d in zip(texts, drop.tolist())]
     x0 = pack(images * 2 - 1, model.config.patch)
-    noise = torch.randn(x0.shape, generator=g).to(device)
+    if device.type == "cpu":
+        noise = torch.randn(x0.shape, generator=g)
+    else:  # drawn where it is used: a CPU draw plus a copy would cost more than the step on a GPU
+        g_dev = torch.Generator(device).manual_seed(cfg.seed * 7_919 + step)
+        noise = torch.randn(x0.shape, generator=g_dev, device=device)
     t = torch.sigmoid(torch.randn(cfg.batch, generator=g) * cfg.t_std + cfg.t_mean).to(device)
     x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -133,7 +137,12 @@ def train(
     else:
         model = ShapesModel(model_cfg).to(dev).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    if dev.type == "cuda" and not cfg.bf16:
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 weights, TF32 matrix products
+        torch.backends.cudnn.allow_tf32 = True
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
+                            fused=dev.type == "cuda")
+    params, ema_params = list(model.parameters()), list(ema.parameters())
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -166,13 +175,12 @@ def train(
             opt.step()
             with torch.no_grad():
                 decay = min(cfg.ema, (1 + step) / (10 + step))
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - decay)
-            running.append(loss.item())
+                torch._foreach_lerp_(ema_params, params, 1 - decay)
+            running.append(loss.detach())  # no host sync per step: the GPU stays busy
             if bar is not None:
                 bar.update(1)
             if (step + 1) % cfg.log_every == 0:
-                mean = sum(running) / len(running)
+                mean = torch.stack(running).mean().item()
                 running = []
                 log.write(json.dumps({"step": step + 1, "loss": mean, "lr": lr_at(step, cfg),
                                       "seconds": time.time() - began}) + "\n")
@@ -210,11 +218,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast on CPU, float32 with TF32 on CUDA")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    bf16 = a.precision == "bf16" or (a.precision == "auto" and not a.device.startswith("cuda"))
     cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, warmup=a.warmup, init_from=a.init_from,
-                      object_weight=a.object_weight)
+                      object_weight=a.object_weight, bf16=bf16)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 
 

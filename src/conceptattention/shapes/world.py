@@ -260,11 +260,14 @@ def captions(scenes: Scenes, single_word_rate: float = 0.0) -> list[str]:
     so that concepts encoded alone are in the text encoder's training distribution.
     """
     out = []
+    # plain lists first: indexing tensors element by element costs more than the rest of a training step
+    present, shape, color = scenes.present.tolist(), scenes.shape.tolist(), scenes.color.tolist()
+    caption_u, background = scenes.caption_u.tolist(), scenes.background.tolist()
     for i in range(len(scenes)):
-        objs = scenes.objects(i)
-        u = scenes.caption_u[i].tolist()
+        objs = [(COLOR_NAMES[c], SHAPES[k]) for here, k, c in zip(present[i], shape[i], color[i]) if here]
+        u = caption_u[i]
         order = sorted(range(len(objs)), key=lambda j: u[j])
-        bg = BACKGROUNDS[int(scenes.background[i])]
+        bg = BACKGROUNDS[background[i]]
         if u[5] < single_word_rate:
             words = sorted({w for pair in objs for w in pair}) + [bg]
             out.append(words[min(int(u[6] * len(words)), len(words) - 1)])

@@ -1,0 +1,146 @@
+"""Train a shapes-model stage inside a fixed wall-clock budget (a lent GPU), and bring the weights home.
+
+A lent accelerator gives a few minutes and returns only small files, so this script:
+
+1. times 40 steps of the real configuration (in a scratch directory) and from that picks the number
+   of steps that fits the budget, so the learning-rate schedule runs to its end;
+2. trains that run in chunks (each chunk resumes the checkpoint, exactly as ``train-shapes`` does)
+   and after every chunk exports the EMA weights to ``--export`` as bf16 safetensors shards of at most
+   ``--shard-mb`` MB, with ``config.json``, ``log.jsonl`` and ``summary.json``: whatever the machine
+   returns if it is stopped early is a complete, loadable stage;
+3. ``--join EXPORT --run RUN`` (on any machine) turns an export back into a train-shapes run directory
+   (``RUN/weights/model.safetensors``, ``RUN/weights/config.json``, ``RUN/log.jsonl``) that
+   ``scripts/release_shapes.py`` and ``--init-from`` read.
+
+    python scripts/gpu_train_shapes.py --run /tmp/run --export OUT/train --budget 420 \\
+        --init-from shapes --batch 1024 --lr 5e-4 --warmup 200 --seed 3 --object-weight 4
+    python scripts/gpu_train_shapes.py --join OUT/train --run runs/shapes-gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from conceptattention.shapes.train import TrainConfig, train
+
+SHARD_PATTERN = "model-{index:02d}.safetensors"
+
+
+def export(run: Path, dest: Path, shard_mb: float, summary: dict) -> None:
+    """EMA weights of ``run`` as shards in ``dest``; each file is written whole, then renamed into place."""
+    from safetensors.torch import load_file, save_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    state = load_file(str(run / "weights" / "model.safetensors"))
+    shards, current, size = [], {}, 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if current and size + nbytes > shard_mb * 1e6:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = state[name]
+        size += nbytes
+    shards.append(current)
+    for old in dest.glob("model-*.safetensors"):
+        old.unlink()
+    for index, shard in enumerate(shards):
+        tmp = dest / f".tmp-{index}"
+        save_file(shard, str(tmp))
+        os.replace(tmp, dest / SHARD_PATTERN.format(index=index))
+    for name, source in (("config.json", run / "weights" / "config.json"), ("log.jsonl", run / "log.jsonl")):
+        shutil.copy(source, dest / f".tmp-{name}")
+        os.replace(dest / f".tmp-{name}", dest / name)
+    (dest / ".tmp-summary").write_text(json.dumps({**summary, "shards": len(shards)}, indent=2))
+    os.replace(dest / ".tmp-summary", dest / "summary.json")
+
+
+def join(export_dir: Path, run: Path) -> Path:
+    """The inverse of :func:`export`: a run directory with one ``weights/model.safetensors``."""
+    from safetensors.torch import load_file, save_file
+
+    shards = sorted(export_dir.glob("model-*.safetensors"))
+    if not shards or not (export_dir / "config.json").is_file():
+        raise SystemExit(f"{export_dir} holds no exported stage (expected model-NN.safetensors and config.json)")
+    state: dict = {}
+    for shard in shards:
+        state.update(load_file(str(shard)))
+    (run / "weights").mkdir(parents=True, exist_ok=True)
+    save_file(state, str(run / "weights" / "model.safetensors"))
+    shutil.copy(export_dir / "config.json", run / "weights" / "config.json")
+    shutil.copy(export_dir / "log.jsonl", run / "log.jsonl")
+    if (export_dir / "summary.json").is_file():
+        shutil.copy(export_dir / "summary.json", run / "summary.json")
+    return run
+
+
+def seconds_per_step(scratch: Path, cfg: TrainConfig, device: str, steps: int = 40) -> float:
+    """Median-free but warm-up-free timing: the second half of a short run of the real configuration."""
+    probe = replace(cfg, steps=steps, log_every=steps // 2, checkpoint_every=10**9)
+    train(scratch, probe, device=device, progress=False)
+    log = [json.loads(line) for line in (scratch / "log.jsonl").read_text().splitlines()]
+    return (log[-1]["seconds"] - log[-2]["seconds"]) / (steps // 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="run directory (checkpoint, log, weights)")
+    p.add_argument("--export", type=Path, help="where the shards go after every chunk")
+    p.add_argument("--join", type=Path, help="turn this export back into --run, then stop")
+    p.add_argument("--budget", type=float, default=420.0, help="seconds for calibration plus training")
+    p.add_argument("--chunk", type=float, default=90.0, help="seconds between exports")
+    p.add_argument("--shard-mb", type=float, default=12.0)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--init-from", default="shapes")
+    p.add_argument("--object-weight", type=float, default=4.0)
+    p.add_argument("--max-steps", type=int, default=None, help="cap on the step count the budget allows")
+    a = p.parse_args()
+    if a.join:
+        print(f"joined into {join(a.join, a.run)}")
+        return
+    if a.export is None:
+        p.error("--export is required when training")
+
+    began = time.time()
+    cfg = TrainConfig(batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed, init_from=a.init_from,
+                      object_weight=a.object_weight, bf16=a.precision == "bf16", log_every=50, checkpoint_every=10**9)
+    per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, a.device)
+    left = a.budget - (time.time() - began)
+    chunks = max(1, int(left // a.chunk))
+    steps = int((left - 4.0 * chunks) / per_step)  # ~4 s per chunk to reload and export
+    if a.max_steps:
+        steps = min(steps, a.max_steps)
+    cfg = replace(cfg, steps=steps)
+    device_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device
+    summary = {"device": device_name, "torch": torch.__version__, "seconds_per_step": per_step, "planned_steps": steps,
+               "train_config": asdict(cfg)}
+    print(json.dumps(summary), flush=True)
+
+    done = 0
+    while done < steps:
+        remaining = a.budget - (time.time() - began)
+        if remaining < 10:
+            print(f"budget spent at step {done} of {steps}", flush=True)
+            break
+        train(a.run, cfg, device=a.device, progress=False, max_seconds=min(a.chunk, remaining - 5))
+        done = json.loads((a.run / "weights" / "config.json").read_text())["steps"]
+        summary.update(steps_done=done, seconds=time.time() - began)
+        export(a.run, a.export, a.shard_mb, summary)
+        last = json.loads((a.run / "log.jsonl").read_text().splitlines()[-1])
+        print(f"step {done}/{steps}  loss {last['loss']:.4f}  {time.time() - began:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
