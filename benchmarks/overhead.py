@@ -47,6 +47,18 @@ class _Stop(Exception):
     pass
 
 
+def build_model(cfg: dict, device: str, dtype: torch.dtype) -> FluxTransformer2DModel:
+    """Random weights (seed 0), built directly on the target device in the target dtype (full size: 12B)."""
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return FluxTransformer2DModel(**cfg["model"]).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def make_inputs(cfg: dict, device: str, dtype: torch.dtype, batch: int = 1) -> dict:
     g = torch.Generator().manual_seed(0)
     h, w = cfg["grid"]
@@ -124,15 +136,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     cfg = CONFIGS[args.config]
-    torch.manual_seed(0)
-    # Built directly on the target device in the target dtype (full size: 12B parameters).
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(args.device):
-            model = FluxTransformer2DModel(**cfg["model"]).eval()
-    finally:
-        torch.set_default_dtype(previous)
+    model = build_model(cfg, args.device, dtype)
     inputs = make_inputs(cfg, args.device, dtype)
     text_dim = cfg["model"]["joint_attention_dim"]
     n_blocks = cfg["model"]["num_layers"]

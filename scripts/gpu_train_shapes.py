@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--init-from", default="shapes")
     p.add_argument("--object-weight", type=float, default=4.0)
+    p.add_argument("--t-uniform", type=float, default=0.0)
     p.add_argument("--max-steps", type=int, default=None, help="cap on the step count the budget allows")
     a = p.parse_args()
     if a.join:
@@ -115,7 +116,7 @@ def main() -> None:
 
     began = time.time()
     cfg = TrainConfig(batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed, init_from=a.init_from,
-                      object_weight=a.object_weight, bf16=a.precision == "bf16", log_every=50, checkpoint_every=10**9)
+                      object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=a.precision == "bf16", log_every=50, checkpoint_every=10**9)
     per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, a.device)
     left = a.budget - (time.time() - began)
     chunks = max(1, int(left // a.chunk))

@@ -187,6 +187,7 @@ def train_shapes(
     init_from: Optional[str] = typer.Option(
         None, "--init-from", help="continue from existing weights: 'shapes' (shipped) or a weights directory"),
     object_weight: Optional[float] = typer.Option(None, help="loss weight of object pixels (background 1)"),
+    t_uniform: Optional[float] = typer.Option(None, help="share of timesteps drawn uniformly (default 0)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     precision: str = typer.Option(
         "auto", help="bf16 (autocast), fp32 (TF32 matrix products on CUDA) or auto: bf16 on CPU, fp32 on CUDA"),
@@ -205,7 +206,7 @@ def train_shapes(
     if steps is not None:
         cfg = replace(cfg, steps=steps)
     for name, value in (("batch", batch), ("lr", lr), ("warmup", warmup), ("init_from", init_from),
-                        ("object_weight", object_weight)):
+                        ("object_weight", object_weight), ("t_uniform", t_uniform)):
         if value is not None:
             cfg = replace(cfg, **{name: value})
     weights = train(out, cfg, device=device, progress=not quiet, max_seconds=max_seconds)

@@ -38,6 +38,7 @@ class TrainConfig:
     single_word_rate: float = 0.15
     t_mean: float = 0.3  # logit-normal timestep sampling, tilted towards noise (layout)
     t_std: float = 1.0
+    t_uniform: float = 0.0  # share of timesteps drawn uniformly instead (covers the low-noise end too)
     grad_clip: float = 1.0
     bf16: bool = True  # bf16 autocast (CPU with AMX, CUDA); False: float32 (TF32 matrix products on CUDA)
     checkpoint_every: int = 200
@@ -72,7 +73,11 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
     else:  # drawn where it is used: a CPU draw plus a copy would cost more than the step on a GPU
         g_dev = torch.Generator(device).manual_seed(cfg.seed * 7_919 + step)
         noise = torch.randn(x0.shape, generator=g_dev, device=device)
-    t = torch.sigmoid(torch.randn(cfg.batch, generator=g) * cfg.t_std + cfg.t_mean).to(device)
+    t = torch.sigmoid(torch.randn(cfg.batch, generator=g) * cfg.t_std + cfg.t_mean)
+    if cfg.t_uniform > 0:  # drawn only when asked for, so older configurations see the same numbers
+        uniform = torch.rand(cfg.batch, generator=g)
+        t = torch.where(torch.rand(cfg.batch, generator=g) < cfg.t_uniform, uniform, t)
+    t = t.to(device)
     x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         tokens, pooled = model.encode_text(texts)
@@ -215,6 +220,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
     p.add_argument("--init-from", default="")
     p.add_argument("--object-weight", type=float, default=TrainConfig.object_weight)
+    p.add_argument("--t-uniform", type=float, default=TrainConfig.t_uniform)
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -225,7 +231,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     bf16 = a.precision == "bf16" or (a.precision == "auto" and not a.device.startswith("cuda"))
     cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, warmup=a.warmup, init_from=a.init_from,
-                      object_weight=a.object_weight, bf16=bf16)
+                      object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=bf16)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 
 
