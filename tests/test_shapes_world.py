@@ -128,3 +128,43 @@ def test_scorer_catches_wrong_shapes_and_colours():
         wrong = scorer.score(images[i], [(color, other_shape)])
         assert wrong.colors_right == 1 and wrong.shapes_right == 0 and not wrong.exact
         assert scorer.score(images[i], [(other_color, shape)]).colors_right == 0
+
+
+def _ragged(mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A hand-drawn-looking copy of ``mask``: outline pixels (1 px either side) flipped at random, and
+    a few one-pixel specks punched inside."""
+    m = mask.float()[None, None]
+    grown = torch.nn.functional.max_pool2d(m, 3, 1, 1)[0, 0] > 0
+    shrunk = -torch.nn.functional.max_pool2d(-m, 3, 1, 1)[0, 0] > 0
+    band = grown & ~shrunk
+    flip = band & (torch.rand(mask.shape, generator=g) < 0.35)
+    specks = shrunk & (torch.rand(mask.shape, generator=g) < 0.03)
+    return (mask ^ flip) & ~specks
+
+
+def test_scorer_reads_shapes_through_ragged_outlines_and_specks():
+    s = world.sample_scenes(200, seed=5, max_objects=1)
+    masks = world.object_masks(s)[:, 0]
+    g = torch.Generator().manual_seed(0)
+    right = sum(scorer.classify(_ragged(masks[i], g)) == world.SHAPES[int(s.shape[i, 0])] for i in range(len(s)))
+    assert right / len(s) >= 0.95
+
+
+def test_scorer_calls_regions_of_no_shape_blobs():
+    def region(fn):
+        ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+        return fn(xs, ys)
+
+    not_shapes = {
+        "bar": region(lambda x, y: (x >= 10) & (x < 54) & (y >= 30) & (y < 36)),
+        "ring": region(lambda x, y: ((x - 32) ** 2 + (y - 32) ** 2 <= 15 ** 2) & ((x - 32) ** 2 + (y - 32) ** 2 > 9 ** 2)),
+        "L": region(lambda x, y: ((x >= 10) & (x < 18) & (y >= 10) & (y < 50)) | ((x >= 10) & (x < 50) & (y >= 42) & (y < 50))),
+        "down triangle": region(lambda x, y: (y >= 14) & (y <= 50) & ((x - 32).abs() <= (50 - y) / 1.8)),
+    }
+    for name, mask in not_shapes.items():
+        assert scorer.classify(mask) == "blob", name
+    # and each true shape still fits its own template almost exactly
+    s = world.sample_scenes(60, seed=9, max_objects=1)
+    for i, mask in enumerate(world.object_masks(s)[:, 0]):
+        fits = scorer.fits(mask)
+        assert fits[world.SHAPES[int(s.shape[i, 0])]] > 0.95

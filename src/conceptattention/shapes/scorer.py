@@ -1,7 +1,7 @@
 """An analytic judge of shapes-world images: which coloured shapes does a picture show?
 
 Pixels close to one of the four object colours form colour regions; each 4-connected region bigger
-than a minimum area is an object. Its holes (enclosed specks of other colours) are filled, and it is
+than a minimum area is an object. Its small holes (enclosed specks of other colours) are filled, and it is
 compared with the three ideal shapes of the world, each drawn with the world's own geometry at the
 region's centroid and with the region's area (circle: area pi r^2; square: (1.7 r)^2; upright triangle:
 1.8 r^2, centroid 0.3 r below the box centre). The shape is the template that overlaps the region best
@@ -25,6 +25,7 @@ from .world import COLOR_NAMES, COLORS
 
 MIN_AREA = 40  # pixels; smaller specks are noise
 COLOR_TOLERANCE = 0.22  # max RGB distance (0-1 scale) to a palette colour
+MAX_HOLE, MAX_HOLE_SHARE = 6, 0.02  # enclosed pockets up to this size are specks, filled before fitting
 MIN_FIT = 0.7  # least IoU with the best template for a region to count as that shape
 
 
@@ -51,11 +52,15 @@ def components(mask: torch.Tensor) -> torch.Tensor:
 
 
 def fill_holes(region: torch.Tensor) -> torch.Tensor:
-    """``region`` plus every pixel outside it that the border cannot reach (4-connected)."""
+    """``region`` plus its small holes: pockets of outside pixels (4-connected) that the image border
+    cannot reach and that are at most ``max(MAX_HOLE, MAX_HOLE_SHARE * area)`` pixels (specks, not a ring's
+    middle)."""
     outside = components(~region)
     border = torch.cat([outside[0], outside[-1], outside[:, 0], outside[:, -1]]).unique()
-    reachable = torch.isin(outside, border[border > 0])
-    return region | ~reachable
+    ids, counts = outside[outside > 0].unique(return_counts=True)
+    limit = max(MAX_HOLE, MAX_HOLE_SHARE * region.sum().item())
+    small = ids[(counts <= limit) & ~torch.isin(ids, border)]
+    return region | torch.isin(outside, small)
 
 
 def templates(region: torch.Tensor) -> dict[str, torch.Tensor]:
