@@ -83,7 +83,7 @@ def join(export_dir: Path, run: Path) -> Path:
 
 def seconds_per_step(scratch: Path, cfg: TrainConfig, device: str, steps: int = 40) -> float:
     """Median-free but warm-up-free timing: the second half of a short run of the real configuration."""
-    probe = replace(cfg, steps=steps, log_every=steps // 2, checkpoint_every=10**9)
+    probe = replace(cfg, steps=steps, log_every=steps // 2, checkpoint_every=10**9, warmup=min(cfg.warmup, steps))
     train(scratch, probe, device=device, progress=False)
     log = [json.loads(line) for line in (scratch / "log.jsonl").read_text().splitlines()]
     return (log[-1]["seconds"] - log[-2]["seconds"]) / (steps // 2)
@@ -97,6 +97,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=420.0, help="seconds for calibration plus training")
     p.add_argument("--chunk", type=float, default=90.0, help="seconds between exports")
     p.add_argument("--shard-mb", type=float, default=12.0)
+    p.add_argument("--chunk-overhead", type=float, default=4.0, help="seconds each chunk spends reloading and exporting")
+    p.add_argument("--margin", type=float, default=10.0, help="no new chunk with fewer seconds than this left")
     p.add_argument("--device", default="cuda")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
     p.add_argument("--batch", type=int, default=1024)
@@ -106,6 +108,7 @@ def main() -> None:
     p.add_argument("--init-from", default="shapes")
     p.add_argument("--object-weight", type=float, default=4.0)
     p.add_argument("--t-uniform", type=float, default=0.0)
+    p.add_argument("--probe-steps", type=int, default=40, help="steps timed to plan the run (the second half counts)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on the step count the budget allows")
     a = p.parse_args()
     if a.join:
@@ -117,10 +120,10 @@ def main() -> None:
     began = time.time()
     cfg = TrainConfig(batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed, init_from=a.init_from,
                       object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=a.precision == "bf16", log_every=50, checkpoint_every=10**9)
-    per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, a.device)
+    per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, a.device, max(2, a.probe_steps))
     left = a.budget - (time.time() - began)
     chunks = max(1, int(left // a.chunk))
-    steps = int((left - 4.0 * chunks) / per_step)  # ~4 s per chunk to reload and export
+    steps = max(1, int((left - a.chunk_overhead * chunks) / per_step))
     if a.max_steps:
         steps = min(steps, a.max_steps)
     cfg = replace(cfg, steps=steps)
@@ -132,15 +135,16 @@ def main() -> None:
     done = 0
     while done < steps:
         remaining = a.budget - (time.time() - began)
-        if remaining < 10:
+        if remaining < a.margin:
             print(f"budget spent at step {done} of {steps}", flush=True)
             break
         train(a.run, cfg, device=a.device, progress=False, max_seconds=min(a.chunk, remaining - 5))
         done = json.loads((a.run / "weights" / "config.json").read_text())["steps"]
         summary.update(steps_done=done, seconds=time.time() - began)
         export(a.run, a.export, a.shard_mb, summary)
-        last = json.loads((a.run / "log.jsonl").read_text().splitlines()[-1])
-        print(f"step {done}/{steps}  loss {last['loss']:.4f}  {time.time() - began:.0f} s", flush=True)
+        lines = (a.run / "log.jsonl").read_text().splitlines()
+        loss = f"loss {json.loads(lines[-1])['loss']:.4f}  " if lines else ""
+        print(f"step {done}/{steps}  {loss}{time.time() - began:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
-"""Turn a train-shapes run into the shipped model.
+"""Turn a chain of train-shapes runs into the shipped model.
 
 1. choose the layers read by default, and the guidance scale, on the validation seed (never the
    held-out seed);
 2. measure the held-out benchmark (sample quality + every readout);
-3. write config.json (with map_layers), model.safetensors, MODEL_CARD.md and loss_curve.png into
-   src/conceptattention/shapes/weights/.
+3. write config.json (with map_layers and every stage's record), model.safetensors, MODEL_CARD.md and
+   loss_curve.png into src/conceptattention/shapes/weights/.
 
-    python scripts/release_shapes.py RUN --command "conceptattention train-shapes --out RUN ..." \
-        [--previous EARLIER_RUN --previous-command "..."] [--note "..."] [--previous-note "..."]
+    python scripts/release_shapes.py scripts/shapes_stages.json
 
-RUN is the last training stage; ``--previous`` names the stage it started from (``--init-from``), so
-the model card lists every stage with its command.
+The stages file lists every training stage in order, the released one last; each stage is
+``{"run": DIR, "command": "...", "hardware": "...", "note": "..."}`` where DIR holds the run's
+``weights/`` and ``log.jsonl`` (a stage trained on a lent GPU is brought back with
+``scripts/gpu_train_shapes.py --join``).
 """
 
 from __future__ import annotations
@@ -32,19 +33,20 @@ GUIDANCE_CANDIDATES = (2.0, 4.0, 6.0)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", type=Path)
-    p.add_argument("--hardware", default="2 CPU cores (Intel Xeon with AMX), bf16 autocast")
-    p.add_argument("--command", required=True, help="the train-shapes command of RUN")
-    p.add_argument("--note", default="", help="anything unusual about RUN (interruptions, ...)")
-    p.add_argument("--previous", type=Path, default=None, help="the run RUN started from, if any")
-    p.add_argument("--previous-command", default="conceptattention train-shapes --out DIR")
-    p.add_argument("--previous-note", default="")
+    p.add_argument("stages", type=Path, help="JSON list of stages, the released one last")
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--validation-images", type=int, default=200)
     a = p.parse_args()
     torch.set_num_threads(2)
+    listed = json.loads(a.stages.read_text())
+    for stage in listed:
+        missing = [name for name in ("weights/model.safetensors", "weights/config.json", "log.jsonl")
+                   if not (Path(stage["run"]) / name).is_file()]
+        if missing:
+            raise SystemExit(f"stage {stage['run']} lacks {', '.join(missing)}")
+    run = Path(listed[-1]["run"])
 
-    pipe = ShapesPipeline.from_pretrained(a.run / "weights")
+    pipe = ShapesPipeline.from_pretrained(run / "weights")
     layers, layer_scores = benchmark.choose_layers(pipe, LAYER_CANDIDATES, n=a.validation_images)
     guidance_scores = {}
     for g in GUIDANCE_CANDIDATES:
@@ -54,23 +56,23 @@ def main() -> None:
     print("layers", layers, layer_scores, "guidance", guidance, guidance_scores, flush=True)
 
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
-    shutil.copy(a.run / "weights" / "model.safetensors", WEIGHTS_DIR / "model.safetensors")
-    meta = json.loads((a.run / "weights" / "config.json").read_text())
+    shutil.copy(run / "weights" / "model.safetensors", WEIGHTS_DIR / "model.safetensors")
+    meta = json.loads((run / "weights" / "config.json").read_text())
     meta["config"]["map_layers"] = layers
     meta["config"]["default_guidance"] = guidance
     (WEIGHTS_DIR / "config.json").write_text(json.dumps(meta, indent=2))
 
     shipped = ShapesPipeline.from_pretrained()
-    report = benchmark.run(shipped, a.run / "heldout", images=a.images, sample_images=a.images)
+    report = benchmark.run(shipped, run / "heldout", images=a.images, sample_images=a.images)
     validation = {"seed": benchmark.VALIDATION_SEED, "images": a.validation_images,
                   "concept_attention_miou_by_layers": layer_scores,
                   "colour_plus_shape_accuracy_by_guidance": guidance_scores}
-    stages = [stage_record(a.previous, a.previous_command, a.previous_note)] if a.previous else []
-    stages.append(stage_record(a.run, a.command, a.note))
+    stages = [stage_record(Path(st["run"]), st["command"], st.get("note", ""), st.get("hardware", ""))
+              for st in listed]
     meta["stages"] = [{k: v for k, v in st.items() if k != "log"} for st in stages]
     (WEIGHTS_DIR / "config.json").write_text(json.dumps(meta, indent=2))
-    write_card(WEIGHTS_DIR, stages, report, validation, a.hardware)
-    print((a.run / "heldout" / "shapes_benchmark.md").read_text())
+    write_card(WEIGHTS_DIR, stages, report, validation, "(not recorded)")
+    print((run / "heldout" / "shapes_benchmark.md").read_text())
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,7 +216,7 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
         (run / "weights" / "config.json").write_text(json.dumps(meta))
         (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "seconds": 6.0 * s})
                                                   for s in range(10, steps + 1, 10)))
-        runs.append(stage_record(run, f"train-shapes --out run{i}", "a note" if i == 0 else ""))
+        runs.append(stage_record(run, f"train-shapes --out run{i}", "a note" if i == 0 else "", "a GPU" if i else ""))
     weights = tmp_path / "weights"
     shutil.copytree(tiny_dir, weights)
     maps = {"images": 1, "seed": 7, "layers": [1], "t": 0.5, "samples": 1, "concepts": ["circle"],
@@ -223,6 +224,40 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
                                                "map": 0.6, "shape_pick": 0.7}}}
     card = write_card(weights, runs, {"maps": maps, "samples": None}, {"seed": 1}, "a test machine").read_text()
     assert "| 1 | scratch | 40 | 0.001 |" in card and "| 2 | stage 1 weights | 20 | 0.002 |" in card
+    assert "| a test machine | 4 | `train-shapes --out run0`" in card and "| a GPU | 2 | `train-shapes --out run1`" in card
     assert "`train-shapes --out run1`" in card and "Stage 1: a note" in card and "60 steps in 2 stage(s)" in card
     assert "| 60 | 0.0500 |" in card  # the second stage's last log line, counted from the first stage
     assert (weights / "loss_curve.png").is_file()
+
+
+def test_budgeted_training_exports_small_shards_that_join_back(tiny_dir, tmp_path):
+    """scripts/gpu_train_shapes.py: a timed stage exported as shards under a size cap, joined back bit for bit."""
+    import importlib.util
+    import sys
+
+    from safetensors.torch import load_file
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_train_shapes.py"
+    spec = importlib.util.spec_from_file_location("gpu_train_shapes", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run, export, joined = tmp_path / "run", tmp_path / "export", tmp_path / "joined"
+    argv = [str(path), "--run", str(run), "--export", str(export), "--device", "cpu", "--budget", "600", "--chunk", "0.1",
+            "--chunk-overhead", "0", "--margin", "1", "--probe-steps", "4", "--max-steps", "3",
+            "--batch", "2", "--init-from", str(tiny_dir), "--shard-mb", "0.05", "--precision", "fp32"]
+    old_argv, sys.argv = sys.argv, argv
+    try:
+        script.main()
+    finally:
+        sys.argv = old_argv
+    summary = json.loads((export / "summary.json").read_text())
+    steps = json.loads((run / "weights" / "config.json").read_text())["steps"]
+    assert summary["steps_done"] == steps == summary["planned_steps"] == 3
+    shards = sorted(export.glob("model-*.safetensors"))
+    assert len(shards) == summary["shards"] > 1
+    largest_tensor = max(t.numel() * t.element_size() for t in load_file(str(run / "weights" / "model.safetensors")).values())
+    assert all(s.stat().st_size <= max(0.05e6, largest_tensor) + 10_000 for s in shards)  # cap, plus a header
+    script.join(export, joined)
+    a, b = load_file(str(run / "weights" / "model.safetensors")), load_file(str(joined / "weights" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (joined / "log.jsonl").read_text() == (run / "log.jsonl").read_text()

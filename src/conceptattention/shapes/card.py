@@ -39,16 +39,21 @@ def training_minutes(log: list[dict]) -> float:
     return (total + last) / 60
 
 
-def stage_record(run: Path, command: str, note: str = "") -> dict:
-    """What the card says about one training stage: its config, steps, minutes, log and command."""
+def stage_record(run: Path, command: str, note: str = "", hardware: str = "") -> dict:
+    """What the card says about one training stage: its config, steps, minutes, log, command and hardware."""
     meta = json.loads((run / "weights" / "config.json").read_text())
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     return {"train_config": meta.get("train_config", {}), "steps": meta.get("steps"), "minutes": training_minutes(log),
-            "log": log, "command": command, "note": note}
+            "log": log, "command": command, "note": note, "hardware": hardware}
+
+
+def _precision(cfg: dict) -> str:
+    return "bf16 autocast" if cfg.get("bf16", True) else "float32 (TF32 on CUDA)"
 
 
 def write_card(weights: Path, stages: list[dict], report: dict, validation: dict, hardware: str) -> Path:
-    """MODEL_CARD.md (+ loss_curve.png) next to the weights; ``stages`` from :func:`stage_record`, in order."""
+    """MODEL_CARD.md (+ loss_curve.png) next to the weights; ``stages`` from :func:`stage_record`, in order;
+    ``hardware`` names the machine of any stage that does not name its own."""
     meta = json.loads((weights / "config.json").read_text())
     log, offset = [], 0
     for stage in stages:  # one curve over all stages, steps counted from the first
@@ -63,8 +68,10 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
     rows = "\n".join(f"| {r['step']} | {r['loss']:.4f} |" for r in log[::every] + log[-1:])
     stage_rows = "\n".join(
         f"| {i + 1} | {(f'stage {i} weights' if i else s['train_config'].get('init_from')) if s['train_config'].get('init_from') else 'scratch'} | {s['steps']} | {s['train_config'].get('lr')} | "
-        f"{s['train_config'].get('warmup')} | {s['train_config'].get('seed')} | {s['train_config'].get('object_weight', 1.0)} | "
-        f"{s['minutes']:.0f} | `{s['command']}` |" for i, s in enumerate(stages))
+        f"{s['train_config'].get('warmup')} | {s['train_config'].get('seed')} | {s['train_config'].get('batch')} | "
+        f"{s['train_config'].get('object_weight', 1.0)} | {s['train_config'].get('t_uniform', 0.0)} | "
+        f"{_precision(s['train_config'])} | {s.get('hardware') or hardware} | {s['minutes']:.0f} | `{s['command']}` |"
+        for i, s in enumerate(stages))
     notes = " ".join(f"Stage {i + 1}: {s['note']}" for i, s in enumerate(stages) if s["note"])
     total = sum(s["steps"] for s in stages)
     weighted_note = ("\nA stage with an object weight logs the weighted mean loss, on a different scale from the others.\n"
@@ -91,14 +98,15 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
   distribution), {100 * first.get('caption_dropout', 0):.0f}% are empty (classifier-free guidance);
 - rectified flow as in Flux (`x_t = t noise + (1 - t) x_0`, target `noise - x_0`), logit-normal t
   (mean {first.get('t_mean')}, std {first.get('t_std')}); AdamW (linear warm-up, cosine to 10% of the peak
-  learning rate), batch {first.get('batch')}, EMA {first.get('ema')}, gradient clipping {first.get('grad_clip')},
-  bf16 autocast; "object weight" is the loss weight of pixels on or within 2 px of an object;
-- {total} steps in {len(stages)} stage(s) on {hardware}, {sum(s['minutes'] for s in stages):.0f} minutes of training.
+  learning rate), EMA {first.get('ema')}, gradient clipping {first.get('grad_clip')}; batch, precision and
+  hardware per stage below; "object weight" is the loss weight of pixels on or within 2 px of an object,
+  "uniform t" the share of timesteps drawn uniformly instead of logit-normal;
+- {total} steps in {len(stages)} stage(s), {sum(s['minutes'] for s in stages):.0f} minutes of training.
   Each stage is reproduced by its command (a stage starting from weights reads the previous stage's
   exported `weights/`); every run resumes from `DIR/checkpoint.pt`. {notes}
 
-| stage | starts from | steps | peak lr | warm-up | seed | object weight | minutes | command |
-|---|---|---|---|---|---|---|---|---|
+| stage | starts from | steps | peak lr | warm-up | seed | batch | object weight | uniform t | precision | hardware | minutes | command |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {stage_rows}
 
 | step (all stages) | loss |
