@@ -14,6 +14,8 @@ A lent accelerator gives a few minutes and returns only small files, so this scr
 
     python scripts/gpu_train_shapes.py --run /tmp/run --export OUT/train --budget 420 \\
         --init-from shapes --batch 1024 --lr 5e-4 --warmup 200 --seed 3 --object-weight 4
+    python scripts/gpu_train_shapes.py --run /tmp/p4 --export OUT/p4 --budget 540 --init-from '' --patch 4 \
+        --batch 512 --lr 6e-4 --warmup 300 --seed 10          # a new 16x16-token model from scratch
     python scripts/gpu_train_shapes.py --join OUT/train --run runs/shapes-gpu
 """
 
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from conceptattention.shapes.model import architecture
 from conceptattention.shapes.train import TrainConfig, train
 
 SHARD_PATTERN = "model-{index:02d}.safetensors"
@@ -81,10 +84,10 @@ def join(export_dir: Path, run: Path) -> Path:
     return run
 
 
-def seconds_per_step(scratch: Path, cfg: TrainConfig, device: str, steps: int = 40) -> float:
+def seconds_per_step(scratch: Path, cfg: TrainConfig, model_cfg, device: str, steps: int = 40) -> float:
     """Median-free but warm-up-free timing: the second half of a short run of the real configuration."""
     probe = replace(cfg, steps=steps, log_every=steps // 2, checkpoint_every=10**9, warmup=min(cfg.warmup, steps))
-    train(scratch, probe, device=device, progress=False)
+    train(scratch, probe, model_cfg, device=device, progress=False)
     log = [json.loads(line) for line in (scratch / "log.jsonl").read_text().splitlines()]
     return (log[-1]["seconds"] - log[-2]["seconds"]) / (steps // 2)
 
@@ -108,6 +111,8 @@ def main() -> None:
     p.add_argument("--init-from", default="shapes")
     p.add_argument("--object-weight", type=float, default=4.0)
     p.add_argument("--t-uniform", type=float, default=0.0)
+    for name in ("patch", "layers", "single-layers", "heads", "head-dim"):
+        p.add_argument(f"--{name}", type=int, default=None, help="architecture of a run from scratch (--init-from '')")
     p.add_argument("--probe-steps", type=int, default=40, help="steps timed to plan the run (the second half counts)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on the step count the budget allows")
     a = p.parse_args()
@@ -117,10 +122,16 @@ def main() -> None:
     if a.export is None:
         p.error("--export is required when training")
 
+    shape = {"patch": a.patch, "layers": a.layers, "single_layers": a.single_layers, "heads": a.heads,
+             "head_dim": a.head_dim}
+    if a.init_from and any(v is not None for v in shape.values()):
+        p.error("architecture options need a run from scratch: add --init-from ''")
+    model_cfg = architecture(**shape)
     began = time.time()
     cfg = TrainConfig(batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed, init_from=a.init_from,
                       object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=a.precision == "bf16", log_every=50, checkpoint_every=10**9)
-    per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, a.device, max(2, a.probe_steps))
+    per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, model_cfg, a.device,
+                                max(2, a.probe_steps))
     left = a.budget - (time.time() - began)
     chunks = max(1, int(left // a.chunk))
     steps = max(1, int((left - a.chunk_overhead * chunks) / per_step))
@@ -138,7 +149,7 @@ def main() -> None:
         if remaining < a.margin:
             print(f"budget spent at step {done} of {steps}", flush=True)
             break
-        train(a.run, cfg, device=a.device, progress=False, max_seconds=min(a.chunk, remaining - 5))
+        train(a.run, cfg, model_cfg, device=a.device, progress=False, max_seconds=min(a.chunk, remaining - 5))
         done = json.loads((a.run / "weights" / "config.json").read_text())["steps"]
         summary.update(steps_done=done, seconds=time.time() - began)
         export(a.run, a.export, a.shard_mb, summary)

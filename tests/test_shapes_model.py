@@ -261,3 +261,28 @@ def test_budgeted_training_exports_small_shards_that_join_back(tiny_dir, tmp_pat
     a, b = load_file(str(run / "weights" / "model.safetensors")), load_file(str(joined / "weights" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (joined / "log.jsonl").read_text() == (run / "log.jsonl").read_text()
+
+
+def test_cli_trains_a_new_architecture_from_scratch_and_it_runs_end_to_end(tmp_path, tiny_dir):
+    """`train-shapes --patch 4 ...` (the next model's shape: 16x16 tokens) trains, saves, and generates maps."""
+    from conceptattention.shapes.model import rope_axes
+
+    assert rope_axes(32) == (4, 14, 14) and rope_axes(128) == (16, 56, 56) and sum(rope_axes(16)) == 16
+    runner = CliRunner()
+    out = tmp_path / "p4"
+    r = runner.invoke(app, ["train-shapes", "--out", str(out), "--steps", "2", "--batch", "2", "--patch", "4",
+                            "--layers", "2", "--single-layers", "1", "--heads", "2", "--head-dim", "16", "--quiet"])
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "weights" / "config.json").read_text())["config"]
+    assert (config["patch"], config["num_layers"], config["num_attention_heads"], config["attention_head_dim"]) == (4, 2, 2, 16)
+    r = runner.invoke(app, ["generate", "a red circle", "--concepts", "circle", "red", "--model", str(out / "weights"),
+                            "--steps", "2", "--out", str(tmp_path / "gen"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    maps = np.load(tmp_path / "gen" / "maps.npy")
+    assert maps.shape == (2, 64, 64) and np.isfinite(maps).all()
+    # the architecture of a resumed run or of --init-from weights cannot be changed
+    for extra in (["--out", str(out)], ["--out", str(tmp_path / "q"), "--init-from", str(tiny_dir)]):
+        r = runner.invoke(app, ["train-shapes", *extra, "--steps", "3", "--patch", "4", "--quiet"])
+        assert r.exit_code == 2 and "keeps the architecture" in r.output
+    r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), "--patch", "5", "--quiet"])
+    assert r.exit_code == 2 and "must divide 64" in r.output

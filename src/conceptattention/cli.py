@@ -192,6 +192,11 @@ def train_shapes(
     precision: str = typer.Option(
         "auto", help="bf16 (autocast), fp32 (TF32 matrix products on CUDA) or auto: bf16 on CPU, fp32 on CUDA"),
     max_seconds: Optional[float] = typer.Option(None, help="stop (with a checkpoint) after this long"),
+    patch: Optional[int] = typer.Option(None, help="from scratch: pixels per patch side (default 8; 4 -> 256 tokens)"),
+    layers: Optional[int] = typer.Option(None, help="from scratch: double-stream blocks (default 6)"),
+    single_layers: Optional[int] = typer.Option(None, help="from scratch: single-stream blocks (default 2)"),
+    heads: Optional[int] = typer.Option(None, help="from scratch: attention heads (default 6)"),
+    head_dim: Optional[int] = typer.Option(None, help="from scratch: width of a head (default 32)"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train the shapes model from scratch, or resume OUT/checkpoint.pt. Ctrl-C checkpoints and stops."""
@@ -209,7 +214,19 @@ def train_shapes(
                         ("object_weight", object_weight), ("t_uniform", t_uniform)):
         if value is not None:
             cfg = replace(cfg, **{name: value})
-    weights = train(out, cfg, device=device, progress=not quiet, max_seconds=max_seconds)
+    shape = {"patch": patch, "layers": layers, "single_layers": single_layers, "heads": heads, "head_dim": head_dim}
+    given = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is not None]
+    if given and (cfg.init_from or (Path(out) / "checkpoint.pt").is_file()):
+        _fail(ConceptAttentionError(
+            f"{', '.join(given)} set the architecture of a model trained from scratch; a run that resumes a checkpoint "
+            "or starts from --init-from keeps the architecture of those weights (drop the option or use a new --out)"))
+    try:
+        from .shapes.model import architecture
+
+        model_cfg = architecture(**shape)
+    except ConceptAttentionError as err:
+        _fail(err)
+    weights = train(out, cfg, model_cfg, device=device, progress=not quiet, max_seconds=max_seconds)
     typer.echo(f"weights: {weights}")
 
 

@@ -85,6 +85,32 @@ class ShapesConfig:
         )
 
 
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """RoPE channels per position axis (unused, row, column) for a head width, in Flux's proportions
+    (128 -> 16, 56, 56; 32 -> 4, 14, 14)."""
+    if head_dim < 8 or head_dim % 4:
+        raise ConceptAttentionError(f"the attention head width must be a multiple of 4 and at least 8, not {head_dim}")
+    side = 2 * round(7 * head_dim / 32)
+    return head_dim - 2 * side, side, side
+
+
+def architecture(patch: int | None = None, layers: int | None = None, single_layers: int | None = None,
+                 heads: int | None = None, head_dim: int | None = None) -> ShapesConfig:
+    """A :class:`ShapesConfig` with some architecture fields changed (None keeps the default)."""
+    base = ShapesConfig()
+    if patch is not None and (patch < 1 or IMAGE % patch):
+        raise ConceptAttentionError(f"the patch size must divide {IMAGE}, not {patch}")
+    head_dim = base.attention_head_dim if head_dim is None else head_dim
+    return ShapesConfig(
+        patch=base.patch if patch is None else patch,
+        num_layers=base.num_layers if layers is None else layers,
+        num_single_layers=base.num_single_layers if single_layers is None else single_layers,
+        num_attention_heads=base.num_attention_heads if heads is None else heads,
+        attention_head_dim=head_dim,
+        axes_dims_rope=rope_axes(head_dim),
+    )
+
+
 class ShapesTextEncoder(nn.Module):
     """Word-level text encoder: ids ``[B, L]`` -> (tokens ``[B, L, D]``, pooled ``[B, D]``)."""
 
