@@ -271,7 +271,8 @@ def test_cli_trains_a_new_architecture_from_scratch_and_it_runs_end_to_end(tmp_p
     runner = CliRunner()
     out = tmp_path / "p4"
     r = runner.invoke(app, ["train-shapes", "--out", str(out), "--steps", "2", "--batch", "2", "--patch", "4",
-                            "--layers", "2", "--single-layers", "1", "--heads", "2", "--head-dim", "16", "--quiet"])
+                            "--layers", "2", "--single-layers", "1", "--heads", "2", "--head-dim", "16", "--precision", "fp32",
+                            "--quiet"])
     assert r.exit_code == 0, r.output
     config = json.loads((out / "weights" / "config.json").read_text())["config"]
     assert (config["patch"], config["num_layers"], config["num_attention_heads"], config["attention_head_dim"]) == (4, 2, 2, 16)
