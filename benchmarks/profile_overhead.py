@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -35,12 +34,11 @@ def profiled(fn, device: str) -> tuple[dict, object]:
         sync(device)
         wall = time.perf_counter() - start
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    ops = defaultdict(lambda: [0, 0.0])  # name -> [calls, self device/cpu microseconds]
-    for e in prof.key_averages():
-        ops[e.key] = [e.count, e.self_device_time_total if kernels else e.self_cpu_time_total]
+    ops = {e.key: [e.count, e.self_device_time_total if kernels else e.self_cpu_time_total]  # calls, self us
+           for e in prof.key_averages()}
     summary = {"wall_seconds": wall, "kernels": len(kernels),
                "kernel_seconds": sum(e.device_time for e in kernels) / 1e6 if kernels else None}
-    return {"summary": summary, "ops": dict(ops)}, prof
+    return {"summary": summary, "ops": ops}, prof
 
 
 def main() -> None:

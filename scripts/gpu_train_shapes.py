@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from conceptattention.shapes.model import architecture
-from conceptattention.shapes.train import TrainConfig, train
+from conceptattention.shapes.train import TrainConfig, train, use_bf16
 
 SHARD_PATTERN = "model-{index:02d}.safetensors"
 
@@ -129,7 +129,7 @@ def main() -> None:
     model_cfg = architecture(**shape)
     began = time.time()
     cfg = TrainConfig(batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed, init_from=a.init_from,
-                      object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=a.precision == "bf16", log_every=50, checkpoint_every=10**9)
+                      object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=use_bf16(a.precision, a.device), log_every=50, checkpoint_every=10**9)
     per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, model_cfg, a.device,
                                 max(2, a.probe_steps))
     left = a.budget - (time.time() - began)

@@ -202,12 +202,12 @@ def train_shapes(
     """Train the shapes model from scratch, or resume OUT/checkpoint.pt. Ctrl-C checkpoints and stops."""
     from dataclasses import replace
 
-    from .shapes.train import TrainConfig, train
+    from .shapes.train import TrainConfig, train, use_bf16
 
-    if precision not in ("auto", "bf16", "fp32"):
-        _fail(ConceptAttentionError(f"--precision must be auto, bf16 or fp32, not {precision!r}"))
-    bf16 = precision == "bf16" or (precision == "auto" and not device.startswith("cuda"))
-    cfg = TrainConfig(seed=seed, bf16=bf16)
+    try:
+        cfg = TrainConfig(seed=seed, bf16=use_bf16(precision, device))
+    except ConceptAttentionError as err:
+        _fail(err)
     if steps is not None:
         cfg = replace(cfg, steps=steps)
     for name, value in (("batch", batch), ("lr", lr), ("warmup", warmup), ("init_from", init_from),

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import world
 from .world import COLOR_NAMES, COLORS
 
 MIN_AREA = 40  # pixels; smaller specks are noise
@@ -70,14 +71,12 @@ def templates(region: torch.Tensor) -> dict[str, torch.Tensor]:
     area, cx, cy = float(len(ys)), xs.float().mean(), ys.float().mean()
     gy = torch.arange(h, dtype=torch.float32)[:, None]
     gx = torch.arange(w, dtype=torch.float32)[None, :]
+    # r from the area (circle pi r^2, square (1.7 r)^2, triangle 1.8 r^2); a triangle's centroid lies
+    # 0.3 r below its centre, a circle's and a square's on it
     out = {}
-    r = math.sqrt(area / math.pi)
-    out["circle"] = (gx - cx) ** 2 + (gy - cy) ** 2 <= r * r
-    r = math.sqrt(area / 2.89)
-    out["square"] = ((gx - cx).abs() <= 0.85 * r) & ((gy - cy).abs() <= 0.85 * r)
-    r = math.sqrt(area / 1.8)
-    depth = gy - (cy - 0.3 * r) + 0.9 * r  # 0 at the apex, 1.8 r at the base
-    out["triangle"] = (depth >= 0) & (depth <= 1.8 * r) & ((gx - cx).abs() <= depth / 1.8)
+    for name, area_per_r2, centroid_drop in (("circle", math.pi, 0.0), ("square", 2.89, 0.0), ("triangle", 1.8, 0.3)):
+        r = math.sqrt(area / area_per_r2)
+        out[name] = world.inside(name, gx - cx, gy - (cy - centroid_drop * r), r)
     return out
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ConceptAttentionError
 from . import world
 from .model import ShapesConfig, ShapesModel, pack
 
@@ -47,6 +48,16 @@ class TrainConfig:
     object_weight: float = 1.0  # loss weight of pixels on or within 2 px of an object (background: 1)
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def use_bf16(precision: str, device: str) -> bool:
+    """bf16 autocast or float32 for a precision name; ``auto`` is bf16 on CPU (AMX), float32 (TF32) on CUDA."""
+    if precision not in PRECISIONS:
+        raise ConceptAttentionError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+    return precision == "bf16" or (precision == "auto" and not device.startswith("cuda"))
+
+
 def data_seed(seed: int, step: int) -> int:
     value = 1_000_003 * (seed + 1) + step
     return value + 1 if value == HELDOUT_SEED else value
@@ -64,14 +75,15 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
     scenes = world.sample_scenes(cfg.batch, data_seed(cfg.seed, step))
     images, labels = world.render(scenes, device)
     texts = world.captions(scenes, cfg.single_word_rate)
-    g = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+    noise_seed = cfg.seed * 7_919 + step
+    g = torch.Generator().manual_seed(noise_seed)
     drop = torch.rand(cfg.batch, generator=g) < cfg.caption_dropout
     texts = ["" if d else t for t, d in zip(texts, drop.tolist())]
     x0 = pack(images * 2 - 1, model.config.patch)
     if device.type == "cpu":
         noise = torch.randn(x0.shape, generator=g)
     else:  # drawn where it is used: a CPU draw plus a copy would cost more than the step on a GPU
-        g_dev = torch.Generator(device).manual_seed(cfg.seed * 7_919 + step)
+        g_dev = torch.Generator(device).manual_seed(noise_seed)
         noise = torch.randn(x0.shape, generator=g_dev, device=device)
     t = torch.sigmoid(torch.randn(cfg.batch, generator=g) * cfg.t_std + cfg.t_mean)
     if cfg.t_uniform > 0:  # drawn only when asked for, so older configurations see the same numbers
@@ -224,12 +236,12 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on CPU, float32 with TF32 on CUDA")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    bf16 = a.precision == "bf16" or (a.precision == "auto" and not a.device.startswith("cuda"))
+    bf16 = use_bf16(a.precision, a.device)
     cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, warmup=a.warmup, init_from=a.init_from,
                       object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=bf16)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)

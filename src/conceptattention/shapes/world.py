@@ -208,13 +208,20 @@ def object_masks(scenes: Scenes, device: torch.device | str = "cpu") -> torch.Te
     cy = scenes.center[..., 1].to(device)[..., None, None]
     r = scenes.radius.to(device)[..., None, None]
     dx, dy = xs - cx, ys - cy
-    circle = dx * dx + dy * dy <= r * r
-    square = (dx.abs() <= 0.85 * r) & (dy.abs() <= 0.85 * r)
-    depth = dy + 0.9 * r  # 0 at the apex, 1.8 r at the base
-    triangle = (depth >= 0) & (depth <= 1.8 * r) & (dx.abs() <= depth / 1.8)
     shape = scenes.shape.to(device)[..., None, None]
-    inside = torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
-    return inside & scenes.present.to(device)[..., None, None]
+    masks = torch.where(shape == 0, inside("circle", dx, dy, r),
+                        torch.where(shape == 1, inside("square", dx, dy, r), inside("triangle", dx, dy, r)))
+    return masks & scenes.present.to(device)[..., None, None]
+
+
+def inside(shape: str, dx: torch.Tensor, dy: torch.Tensor, r: torch.Tensor | float) -> torch.Tensor:
+    """Whether offsets ``(dx, dy)`` from a shape's centre fall inside it (the geometry above; broadcasts)."""
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (dx.abs() <= 0.85 * r) & (dy.abs() <= 0.85 * r)
+    depth = dy + 0.9 * r  # triangle: 0 at the apex, 1.8 r at the base
+    return (depth >= 0) & (depth <= 1.8 * r) & (dx.abs() <= depth / 1.8)
 
 
 def render(scenes: Scenes, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
