@@ -111,6 +111,8 @@ def main() -> None:
     p.add_argument("--init-from", default="shapes")
     p.add_argument("--object-weight", type=float, default=4.0)
     p.add_argument("--t-uniform", type=float, default=0.0)
+    p.add_argument("--prediction", choices=("velocity", "sample"), default="",
+                   help="what the transformer outputs (default: the weights' own; velocity from scratch)")
     for name in ("patch", "layers", "single-layers", "heads", "head-dim"):
         p.add_argument(f"--{name}", type=int, default=None, help="architecture of a run from scratch (--init-from '')")
     p.add_argument("--probe-steps", type=int, default=40, help="steps timed to plan the run (the second half counts)")
@@ -129,7 +131,8 @@ def main() -> None:
     model_cfg = architecture(**shape)
     began = time.time()
     cfg = TrainConfig(batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed, init_from=a.init_from,
-                      object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=use_bf16(a.precision, a.device), log_every=50, checkpoint_every=10**9)
+                      object_weight=a.object_weight, t_uniform=a.t_uniform, prediction=a.prediction,
+                      bf16=use_bf16(a.precision, a.device), log_every=50, checkpoint_every=10**9)
     per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, model_cfg, a.device,
                                 max(2, a.probe_steps))
     left = a.budget - (time.time() - began)

@@ -58,9 +58,10 @@ def test_concepts_are_encoded_alone_as_first_token():
         model.encode_concepts(["red circle"])
 
 
-def test_training_steps_reduce_the_loss():
+@pytest.mark.parametrize("prediction", ["velocity", "sample"])
+def test_training_steps_reduce_the_loss(prediction):
     torch.manual_seed(0)
-    model = ShapesModel(TINY).train()
+    model = ShapesModel(replace(TINY, prediction=prediction)).train()
     cfg = TrainConfig(batch=16, bf16=False)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
@@ -211,7 +212,7 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     for i, (steps, init) in enumerate(((40, ""), (20, "shapes"))):
         run = tmp_path / f"run{i}"
         (run / "weights").mkdir(parents=True)
-        meta = {"config": {}, "steps": steps, "train_config": {"lr": 0.001 * (i + 1), "init_from": init, "seed": i,
+        meta = {"config": {"prediction": "sample"} if i else {}, "steps": steps, "train_config": {"lr": 0.001 * (i + 1), "init_from": init, "seed": i,
                                                                 "warmup": 5, "object_weight": 1.0 + 3 * i}}
         (run / "weights" / "config.json").write_text(json.dumps(meta))
         (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "seconds": 6.0 * s})
@@ -226,6 +227,7 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     assert "| 1 | scratch | 40 | 0.001 |" in card and "| 2 | stage 1 weights | 20 | 0.002 |" in card
     assert "| a test machine | 4 | `train-shapes --out run0`" in card and "| a GPU | 2 | `train-shapes --out run1`" in card
     assert "`train-shapes --out run1`" in card and "Stage 1: a note" in card and "60 steps in 2 stage(s)" in card
+    assert "| 1.0 | 0.0 | velocity |" in card and "| 4.0 | 0.0 | sample |" in card  # what each stage predicts
     assert "| 60 | 0.0500 |" in card  # the second stage's last log line, counted from the first stage
     assert (weights / "loss_curve.png").is_file()
 
@@ -287,3 +289,53 @@ def test_cli_trains_a_new_architecture_from_scratch_and_it_runs_end_to_end(tmp_p
         assert r.exit_code == 2 and "keeps the architecture" in r.output
     r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), "--patch", "5", "--quiet"])
     assert r.exit_code == 2 and "must divide 64" in r.output
+
+
+def test_sample_prediction_turns_the_clean_image_guess_into_the_flow_velocity(tiny_dir, tmp_path):
+    """A sample-predicting model's velocity is (x_t - x0_hat) / t: one Euler step from t to 0 lands on its guess."""
+    from conceptattention.shapes.model import SAMPLE_T_MIN
+
+    torch.manual_seed(0)
+    model = ShapesModel(replace(TINY, prediction="sample")).eval()
+    tokens, pooled = model.encode_text(["a red circle", "grass"])
+    x_t = torch.randn(2, model.grid ** 2, 3 * TINY.patch ** 2)
+    t = torch.tensor([0.6, 0.01])
+    with torch.no_grad():
+        guess = model.transformer(**model.transformer_inputs(x_t, t, tokens, pooled))[0]
+        v = model.velocity(x_t, t, tokens, pooled)
+    torch.testing.assert_close(x_t[0] - 0.6 * v[0], guess[0])  # t above the floor: exact
+    torch.testing.assert_close(v[1], (x_t[1] - guess[1]) / SAMPLE_T_MIN)  # below it: divided by the floor
+    # a velocity model's output is its velocity
+    plain = ShapesModel.load(tiny_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain.velocity(x_t, t, tokens, pooled),
+                                   plain.transformer(**plain.transformer_inputs(x_t, t, tokens, pooled))[0])
+
+    # switching a velocity model to samples restarts only the output projection, and the choice is saved
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    plain.predict_as("sample")
+    changed = {k for k, v in plain.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"transformer.proj_out.weight", "transformer.proj_out.bias"}
+    assert plain.transformer.proj_out.weight.abs().sum() == 0
+    plain.save(tmp_path / "s")
+    assert ShapesModel.load(tmp_path / "s").config.prediction == "sample"
+    assert ShapesModel.load(tiny_dir).config.prediction == "velocity"  # the default of older weights
+    with pytest.raises(ConceptAttentionError, match="prediction must be one of velocity, sample"):
+        plain.predict_as("noise")
+
+
+def test_cli_fine_tunes_into_sample_prediction_and_refuses_it_on_resume(tiny_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "x"
+    r = runner.invoke(app, ["train-shapes", "--out", str(out), "--init-from", str(tiny_dir), "--prediction", "sample",
+                            "--steps", "2", "--batch", "2", "--precision", "fp32", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "weights" / "config.json").read_text())["config"]["prediction"] == "sample"
+    r = runner.invoke(app, ["generate", "a red circle", "--concepts", "circle", "red", "--model", str(out / "weights"),
+                            "--steps", "2", "--out", str(tmp_path / "gen"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert np.isfinite(np.load(tmp_path / "gen" / "maps.npy")).all()
+    r = runner.invoke(app, ["train-shapes", "--out", str(out), "--prediction", "velocity", "--steps", "3", "--quiet"])
+    assert r.exit_code == 2 and "fix what the model predicts" in r.output
+    r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "y"), "--prediction", "noise", "--quiet"])
+    assert r.exit_code == 2 and "'velocity' or 'sample'" in r.output

@@ -188,6 +188,9 @@ def train_shapes(
         None, "--init-from", help="continue from existing weights: 'shapes' (shipped) or a weights directory"),
     object_weight: Optional[float] = typer.Option(None, help="loss weight of object pixels (background 1)"),
     t_uniform: Optional[float] = typer.Option(None, help="share of timesteps drawn uniformly (default 0)"),
+    prediction: Optional[str] = typer.Option(
+        None, help="what the transformer outputs: 'velocity' (as in Flux) or 'sample' (the clean image); with "
+        "--init-from a change retrains the output head (default: the weights' own, velocity from scratch)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     precision: str = typer.Option(
         "auto", help="bf16 (autocast), fp32 (TF32 matrix products on CUDA) or auto: bf16 on CPU, fp32 on CUDA"),
@@ -211,12 +214,18 @@ def train_shapes(
     if steps is not None:
         cfg = replace(cfg, steps=steps)
     for name, value in (("batch", batch), ("lr", lr), ("warmup", warmup), ("init_from", init_from),
-                        ("object_weight", object_weight), ("t_uniform", t_uniform)):
+                        ("object_weight", object_weight), ("t_uniform", t_uniform), ("prediction", prediction)):
         if value is not None:
             cfg = replace(cfg, **{name: value})
     shape = {"patch": patch, "layers": layers, "single_layers": single_layers, "heads": heads, "head_dim": head_dim}
     given = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is not None]
-    if given and (cfg.init_from or (Path(out) / "checkpoint.pt").is_file()):
+    resuming = (Path(out) / "checkpoint.pt").is_file()
+    if prediction is not None and resuming:
+        _fail(ConceptAttentionError(
+            f"{out} holds a checkpoint, whose weights fix what the model predicts; drop --prediction or use a new --out"))
+    if prediction is not None and prediction not in ("velocity", "sample"):
+        _fail(ConceptAttentionError(f"--prediction must be 'velocity' or 'sample', not {prediction!r}"))
+    if given and (cfg.init_from or resuming):
         _fail(ConceptAttentionError(
             f"{', '.join(given)} set the architecture of a model trained from scratch; a run that resumes a checkpoint "
             "or starts from --init-from keeps the architecture of those weights (drop the option or use a new --out)"))

@@ -44,6 +44,7 @@ def stage_record(run: Path, command: str, note: str = "", hardware: str = "") ->
     meta = json.loads((run / "weights" / "config.json").read_text())
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     return {"train_config": meta.get("train_config", {}), "steps": meta.get("steps"), "minutes": training_minutes(log),
+            "prediction": meta.get("config", {}).get("prediction", "velocity"),
             "log": log, "command": command, "note": note, "hardware": hardware}
 
 
@@ -63,6 +64,10 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
     from .benchmark import markdown_table
 
     cfg, first = meta["config"], stages[0]["train_config"]
+    target = ("the transformer outputs the velocity" if cfg.get("prediction", "velocity") == "velocity" else
+              "the transformer outputs the clean image `x_0` (\"sample\"), turned into the velocity "
+              "`(x_t - x_0) / max(t, 0.05)`: with 8x8 patches a token holds as many values as the model is wide, "
+              "and a clean image passes through that width where noise does not")
     size_mb = (weights / "model.safetensors").stat().st_size / 2**20
     every = max(1, len(log) // 12)
     rows = "\n".join(f"| {r['step']} | {r['loss']:.4f} |" for r in log[::every] + log[-1:])
@@ -70,6 +75,7 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
         f"| {i + 1} | {(f'stage {i} weights' if i else s['train_config'].get('init_from')) if s['train_config'].get('init_from') else 'scratch'} | {s['steps']} | {s['train_config'].get('lr')} | "
         f"{s['train_config'].get('warmup')} | {s['train_config'].get('seed')} | {s['train_config'].get('batch')} | "
         f"{s['train_config'].get('object_weight', 1.0)} | {s['train_config'].get('t_uniform', 0.0)} | "
+        f"{s.get('prediction', 'velocity')} | "
         f"{_precision(s['train_config'])} | {s.get('hardware') or hardware} | {s['minutes']:.0f} | `{s['command']}` |"
         for i, s in enumerate(stages))
     notes = " ".join(f"Stage {i + 1}: {s['note']}" for i, s in enumerate(stages) if s["note"])
@@ -96,7 +102,8 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
 - fresh batches from the shapes world every step (1-3 objects; 3 shapes x 4 colours; gray / grass / sky);
   {100 * first.get('single_word_rate', 0):.0f}% of captions are a single true word (so concepts encoded alone are in
   distribution), {100 * first.get('caption_dropout', 0):.0f}% are empty (classifier-free guidance);
-- rectified flow as in Flux (`x_t = t noise + (1 - t) x_0`, target `noise - x_0`), logit-normal t
+- rectified flow as in Flux (`x_t = t noise + (1 - t) x_0`, velocity `noise - x_0`); {target}. The loss is
+  the squared error of the velocity in either case ("predicts" per stage below); logit-normal t
   (mean {first.get('t_mean')}, std {first.get('t_std')}); AdamW (linear warm-up, cosine to 10% of the peak
   learning rate), EMA {first.get('ema')}, gradient clipping {first.get('grad_clip')}; batch, precision and
   hardware per stage below; "object weight" is the loss weight of pixels on or within 2 px of an object,
@@ -105,8 +112,8 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
   Each stage is reproduced by its command (a stage starting from weights reads the previous stage's
   exported `weights/`); every run resumes from `DIR/checkpoint.pt`. {notes}
 
-| stage | starts from | steps | peak lr | warm-up | seed | batch | object weight | uniform t | precision | hardware | minutes | command |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| stage | starts from | steps | peak lr | warm-up | seed | batch | object weight | uniform t | predicts | precision | hardware | minutes | command |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {stage_rows}
 
 | step (all stages) | loss |

@@ -1,8 +1,14 @@
 """The shapes model: a small diffusers ``FluxTransformer2DModel`` plus a word-level text encoder.
 
 Images are pixels in [-1, 1], packed into p x p patches (p = 8: 8 x 8 = 64 tokens of 192 values) that
-play the role of Flux's packed latents; generation is rectified flow as in Flux
-(``x_t = t * noise + (1 - t) * x_0``, the model predicts ``noise - x_0``).
+play the role of Flux's packed latents; generation is rectified flow as in Flux (``x_t = t * noise + (1 - t) * x_0``, velocity ``noise - x_0``).
+
+The transformer's output is either that velocity (``prediction="velocity"``, as in Flux) or the clean
+image ``x_0`` itself (``prediction="sample"``), turned into a velocity by :meth:`ShapesModel.velocity`.
+With 8 x 8 patches a token carries 192 pixel values, as many as the model is wide; predicting the noise
+part of a velocity through that bottleneck leaves ragged, blocky outlines, while a clean image lies on
+a far smaller set and passes through it (Li & He 2025, "Back to Basics: Let Denoising Generative Models
+Denoise"). The ConceptAttention code path does not depend on the choice: it reads the attention inside.
 
 The text encoder maps each word of a fixed vocabulary to a learned vector, adds a learned position
 and runs two small transformer layers; its outputs are the prompt tokens (``joint_attention_dim``)
@@ -31,6 +37,11 @@ VOCAB: tuple[str, ...] = (
     "gray", "grass", "sky", "background",
 )
 WORD_TO_ID = {w: i for i, w in enumerate(VOCAB)}
+
+#: What the transformer's output means: the flow's velocity (as in Flux) or the clean image.
+PREDICTIONS = ("velocity", "sample")
+#: A sample-predicting model's velocity divides by t; below this t it divides by this instead.
+SAMPLE_T_MIN = 0.05
 
 
 def tokenize(texts: list[str], max_tokens: int) -> torch.Tensor:
@@ -69,6 +80,12 @@ class ShapesConfig:
     map_layers: tuple[int, ...] | None = None
     #: Classifier-free guidance scale used by default when sampling.
     default_guidance: float = 4.0
+    #: What the transformer outputs (one of :data:`PREDICTIONS`); weights saved before it existed: velocity.
+    prediction: str = "velocity"
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ConceptAttentionError(f"prediction must be one of {', '.join(PREDICTIONS)}, not {self.prediction!r}")
 
     def transformer_kwargs(self) -> dict:
         return dict(
@@ -95,7 +112,7 @@ def rope_axes(head_dim: int) -> tuple[int, int, int]:
 
 
 def architecture(patch: int | None = None, layers: int | None = None, single_layers: int | None = None,
-                 heads: int | None = None, head_dim: int | None = None) -> ShapesConfig:
+                 heads: int | None = None, head_dim: int | None = None, prediction: str | None = None) -> ShapesConfig:
     """A :class:`ShapesConfig` with some architecture fields changed (None keeps the default)."""
     base = ShapesConfig()
     if patch is not None and (patch < 1 or IMAGE % patch):
@@ -108,6 +125,7 @@ def architecture(patch: int | None = None, layers: int | None = None, single_lay
         num_attention_heads=base.num_attention_heads if heads is None else heads,
         attention_head_dim=head_dim,
         axes_dims_rope=rope_axes(head_dim),
+        prediction=base.prediction if prediction is None else prediction,
     )
 
 
@@ -201,7 +219,25 @@ class ShapesModel(nn.Module):
         )
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        return self.transformer(**self.transformer_inputs(x_t, t, tokens, pooled))[0]
+        """The flow's velocity at ``(x_t, t)``, whatever the transformer predicts (float32 for a sample model:
+        the division by a small t would magnify bf16 rounding)."""
+        out = self.transformer(**self.transformer_inputs(x_t, t, tokens, pooled))[0]
+        if self.config.prediction == "velocity":
+            return out
+        scale = t.float().clamp(min=SAMPLE_T_MIN)[:, None, None]
+        return ((x_t.float() - out.float()) / scale).to(x_t.dtype)
+
+    def predict_as(self, prediction: str) -> None:
+        """Reinterpret the output as ``prediction`` (to fine-tune a model into the other parametrisation): the
+        output projection starts at zero, so the new head begins from a neutral guess, not from nonsense."""
+        if prediction not in PREDICTIONS:
+            raise ConceptAttentionError(f"prediction must be one of {', '.join(PREDICTIONS)}, not {prediction!r}")
+        if prediction == self.config.prediction:
+            return
+        self.config.prediction = prediction
+        with torch.no_grad():
+            self.transformer.proj_out.weight.zero_()
+            self.transformer.proj_out.bias.zero_()
 
     # ----- weights -------------------------------------------------------------------------------
     def save(self, directory: Path, dtype: torch.dtype = torch.bfloat16, extra: dict | None = None) -> None:

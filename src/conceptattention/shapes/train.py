@@ -46,6 +46,7 @@ class TrainConfig:
     log_every: int = 20
     init_from: str = ""  # start from these weights ("shapes" = the shipped model, or a weights directory)
     object_weight: float = 1.0  # loss weight of pixels on or within 2 px of an object (background: 1)
+    prediction: str = ""  # "velocity" or "sample": what the transformer outputs ("": keep the weights' own)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -153,6 +154,9 @@ def train(
         model_cfg = model.config
     else:
         model = ShapesModel(model_cfg).to(dev).train()
+    if state is None and cfg.prediction:
+        model.predict_as(cfg.prediction)
+        model_cfg = model.config
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if dev.type == "cuda" and not cfg.bf16:
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 weights, TF32 matrix products
@@ -233,6 +237,7 @@ def main() -> None:
     p.add_argument("--init-from", default="")
     p.add_argument("--object-weight", type=float, default=TrainConfig.object_weight)
     p.add_argument("--t-uniform", type=float, default=TrainConfig.t_uniform)
+    p.add_argument("--prediction", choices=("velocity", "sample"), default="")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -243,7 +248,8 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     bf16 = use_bf16(a.precision, a.device)
     cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, warmup=a.warmup, init_from=a.init_from,
-                      object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=bf16)
+                      object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=bf16,
+                      prediction=a.prediction)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 
 
