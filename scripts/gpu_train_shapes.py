@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from conceptattention.shapes.model import architecture
+from conceptattention.shapes.model import PREDICTIONS, architecture
 from conceptattention.shapes.train import TrainConfig, train, use_bf16
 
 SHARD_PATTERN = "model-{index:02d}.safetensors"
@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--init-from", default="shapes")
     p.add_argument("--object-weight", type=float, default=4.0)
     p.add_argument("--t-uniform", type=float, default=0.0)
-    p.add_argument("--prediction", choices=("velocity", "sample"), default="",
+    p.add_argument("--prediction", choices=PREDICTIONS, default="",
                    help="what the transformer outputs (default: the weights' own; velocity from scratch)")
     for name in ("patch", "layers", "single-layers", "heads", "head-dim"):
         p.add_argument(f"--{name}", type=int, default=None, help="architecture of a run from scratch (--init-from '')")

@@ -63,11 +63,14 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
     loss_curve_png(log, weights / "loss_curve.png")
     from .benchmark import markdown_table
 
+    from .model import SAMPLE_T_MIN
+
     cfg, first = meta["config"], stages[0]["train_config"]
+    patch = cfg["patch"]
     target = ("the transformer outputs the velocity" if cfg.get("prediction", "velocity") == "velocity" else
               "the transformer outputs the clean image `x_0` (\"sample\"), turned into the velocity "
-              "`(x_t - x_0) / max(t, 0.05)`: with 8x8 patches a token holds as many values as the model is wide, "
-              "and a clean image passes through that width where noise does not")
+              f"`(x_t - x_0) / max(t, {SAMPLE_T_MIN})`: with {patch}x{patch} patches a token holds {3 * patch * patch} "
+              "values, and a clean image passes through the model's width where noise does not")
     size_mb = (weights / "model.safetensors").stat().st_size / 2**20
     every = max(1, len(log) // 12)
     rows = "\n".join(f"| {r['step']} | {r['loss']:.4f} |" for r in log[::every] + log[-1:])

@@ -44,6 +44,13 @@ PREDICTIONS = ("velocity", "sample")
 SAMPLE_T_MIN = 0.05
 
 
+def check_prediction(prediction: str) -> str:
+    """``prediction`` if it is one of :data:`PREDICTIONS`, else one clear error."""
+    if prediction not in PREDICTIONS:
+        raise ConceptAttentionError(f"prediction must be one of {', '.join(PREDICTIONS)}, not {prediction!r}")
+    return prediction
+
+
 def tokenize(texts: list[str], max_tokens: int) -> torch.Tensor:
     """Words -> ids ``[B, max_tokens]`` (padded with 0). Unknown words raise, listing the vocabulary."""
     rows = []
@@ -84,8 +91,7 @@ class ShapesConfig:
     prediction: str = "velocity"
 
     def __post_init__(self) -> None:
-        if self.prediction not in PREDICTIONS:
-            raise ConceptAttentionError(f"prediction must be one of {', '.join(PREDICTIONS)}, not {self.prediction!r}")
+        check_prediction(self.prediction)
 
     def transformer_kwargs(self) -> dict:
         return dict(
@@ -112,7 +118,7 @@ def rope_axes(head_dim: int) -> tuple[int, int, int]:
 
 
 def architecture(patch: int | None = None, layers: int | None = None, single_layers: int | None = None,
-                 heads: int | None = None, head_dim: int | None = None, prediction: str | None = None) -> ShapesConfig:
+                 heads: int | None = None, head_dim: int | None = None) -> ShapesConfig:
     """A :class:`ShapesConfig` with some architecture fields changed (None keeps the default)."""
     base = ShapesConfig()
     if patch is not None and (patch < 1 or IMAGE % patch):
@@ -125,7 +131,6 @@ def architecture(patch: int | None = None, layers: int | None = None, single_lay
         num_attention_heads=base.num_attention_heads if heads is None else heads,
         attention_head_dim=head_dim,
         axes_dims_rope=rope_axes(head_dim),
-        prediction=base.prediction if prediction is None else prediction,
     )
 
 
@@ -230,9 +235,7 @@ class ShapesModel(nn.Module):
     def predict_as(self, prediction: str) -> None:
         """Reinterpret the output as ``prediction`` (to fine-tune a model into the other parametrisation): the
         output projection starts at zero, so the new head begins from a neutral guess, not from nonsense."""
-        if prediction not in PREDICTIONS:
-            raise ConceptAttentionError(f"prediction must be one of {', '.join(PREDICTIONS)}, not {prediction!r}")
-        if prediction == self.config.prediction:
+        if check_prediction(prediction) == self.config.prediction:
             return
         self.config.prediction = prediction
         with torch.no_grad():

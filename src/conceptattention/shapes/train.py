@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ConceptAttentionError
 from . import world
-from .model import ShapesConfig, ShapesModel, pack
+from .model import PREDICTIONS, ShapesConfig, ShapesModel, pack
 
 HELDOUT_SEED = 20250204  # the benchmark's seed; training seeds are derived to never equal it
 
@@ -237,7 +237,7 @@ def main() -> None:
     p.add_argument("--init-from", default="")
     p.add_argument("--object-weight", type=float, default=TrainConfig.object_weight)
     p.add_argument("--t-uniform", type=float, default=TrainConfig.t_uniform)
-    p.add_argument("--prediction", choices=("velocity", "sample"), default="")
+    p.add_argument("--prediction", choices=PREDICTIONS, default="")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
