@@ -16,6 +16,8 @@ A lent accelerator gives a few minutes and returns only small files, so this scr
         --init-from shapes --batch 1024 --lr 5e-4 --warmup 200 --seed 3 --object-weight 4
     python scripts/gpu_train_shapes.py --run /tmp/p4 --export OUT/p4 --budget 540 --init-from '' --patch 4 \
         --batch 512 --lr 6e-4 --warmup 300 --seed 10          # a new 16x16-token model from scratch
+    python scripts/gpu_train_shapes.py --run /tmp/r4 --export OUT/r4 --budget 450 --init-from shapes --patch 4 \
+        --batch 512 --lr 3e-4 --warmup 200 --seed 6           # the shipped model re-patched to 16x16 tokens
     python scripts/gpu_train_shapes.py --join OUT/train --run runs/shapes-gpu
 """
 
@@ -114,7 +116,8 @@ def main() -> None:
     p.add_argument("--prediction", choices=PREDICTIONS, default="",
                    help="what the transformer outputs (default: the weights' own; velocity from scratch)")
     for name in ("patch", "layers", "single-layers", "heads", "head-dim"):
-        p.add_argument(f"--{name}", type=int, default=None, help="architecture of a run from scratch (--init-from '')")
+        p.add_argument(f"--{name}", type=int, default=None,
+                       help="architecture of a run from scratch (--init-from ''); --patch with --init-from re-patches")
     p.add_argument("--probe-steps", type=int, default=40, help="steps timed to plan the run (the second half counts)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on the step count the budget allows")
     a = p.parse_args()
@@ -126,12 +129,15 @@ def main() -> None:
 
     shape = {"patch": a.patch, "layers": a.layers, "single_layers": a.single_layers, "heads": a.heads,
              "head_dim": a.head_dim}
+    repatch = 0
+    if a.init_from and a.patch is not None:  # re-patch the init weights (ShapesModel.repatch)
+        repatch, shape["patch"] = a.patch, None
     if a.init_from and any(v is not None for v in shape.values()):
-        p.error("architecture options need a run from scratch: add --init-from ''")
+        p.error("architecture options other than --patch need a run from scratch: add --init-from ''")
     model_cfg = architecture(**shape)
     began = time.time()
     cfg = TrainConfig(batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed, init_from=a.init_from,
-                      object_weight=a.object_weight, t_uniform=a.t_uniform, prediction=a.prediction,
+                      object_weight=a.object_weight, t_uniform=a.t_uniform, prediction=a.prediction, patch=repatch,
                       bf16=use_bf16(a.precision, a.device), log_every=50, checkpoint_every=10**9)
     per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, model_cfg, a.device,
                                 max(2, a.probe_steps))

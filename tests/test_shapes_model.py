@@ -212,7 +212,7 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     for i, (steps, init) in enumerate(((40, ""), (20, "shapes"))):
         run = tmp_path / f"run{i}"
         (run / "weights").mkdir(parents=True)
-        meta = {"config": {"prediction": "sample"} if i else {}, "steps": steps, "train_config": {"lr": 0.001 * (i + 1), "init_from": init, "seed": i,
+        meta = {"config": {"prediction": "sample", "patch": 4} if i else {"patch": 8}, "steps": steps, "train_config": {"lr": 0.001 * (i + 1), "init_from": init, "seed": i,
                                                                 "warmup": 5, "object_weight": 1.0 + 3 * i}}
         (run / "weights" / "config.json").write_text(json.dumps(meta))
         (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "seconds": 6.0 * s})
@@ -227,7 +227,9 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     assert "| 1 | scratch | 40 | 0.001 |" in card and "| 2 | stage 1 weights | 20 | 0.002 |" in card
     assert "| a test machine | 4 | `train-shapes --out run0`" in card and "| a GPU | 2 | `train-shapes --out run1`" in card
     assert "`train-shapes --out run1`" in card and "Stage 1: a note" in card and "60 steps in 2 stage(s)" in card
-    assert "| 1.0 | 0.0 | velocity |" in card and "| 4.0 | 0.0 | sample |" in card  # what each stage predicts
+    # each stage's patch size and what it predicts
+    assert "| 1.0 | 0.0 | 8 | velocity |" in card and "| 4.0 | 0.0 | 4 | sample |" in card
+    assert "RoPE positions" not in card  # positions are plain token indices (rope_scale 1)
     assert "| 60 | 0.0500 |" in card  # the second stage's last log line, counted from the first stage
     assert (weights / "loss_curve.png").is_file()
 
@@ -283,10 +285,11 @@ def test_cli_trains_a_new_architecture_from_scratch_and_it_runs_end_to_end(tmp_p
     assert r.exit_code == 0, r.output
     maps = np.load(tmp_path / "gen" / "maps.npy")
     assert maps.shape == (2, 64, 64) and np.isfinite(maps).all()
-    # the architecture of a resumed run or of --init-from weights cannot be changed
-    for extra in (["--out", str(out)], ["--out", str(tmp_path / "q"), "--init-from", str(tiny_dir)]):
-        r = runner.invoke(app, ["train-shapes", *extra, "--steps", "3", "--patch", "4", "--quiet"])
-        assert r.exit_code == 2 and "keeps the architecture" in r.output
+    # the architecture of a resumed run cannot be changed, nor that of --init-from weights but for their patch size
+    for extra in (["--out", str(out), "--patch", "4"], ["--out", str(tmp_path / "q"), "--init-from", str(tiny_dir),
+                                                         "--layers", "2"]):
+        r = runner.invoke(app, ["train-shapes", *extra, "--steps", "3", "--quiet"])
+        assert r.exit_code == 2 and "keeps its architecture" in r.output and "only --patch" in r.output
     r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), "--patch", "5", "--quiet"])
     assert r.exit_code == 2 and "must divide 64" in r.output
 
@@ -339,3 +342,61 @@ def test_cli_fine_tunes_into_sample_prediction_and_refuses_it_on_resume(tiny_dir
     assert r.exit_code == 2 and "fix what the model predicts" in r.output
     r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "y"), "--prediction", "noise", "--quiet"])
     assert r.exit_code == 2 and "'velocity' or 'sample'" in r.output
+
+
+def test_repatch_keeps_every_block_and_reads_small_patches_as_tiled_large_ones(tiny_dir):
+    """8x8 -> 4x4: a token of a 4x4 patch embeds like the 8x8 patch made of four copies of it, the head predicts
+    a 4x4 patch as the mean of the 8x8 head's four quadrants, RoPE positions keep their unit, and nothing else moves."""
+    old = ShapesModel.load(tiny_dir).eval()
+    new = ShapesModel.load(tiny_dir).eval()
+    new.repatch(4)
+    assert (new.config.patch, new.config.rope_scale, new.grid) == (4, 0.5, 16)
+    kept = {k: v for k, v in old.state_dict().items() if ".x_embedder." not in k and not k.startswith("transformer.proj_out.")}
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in kept.items())
+
+    torch.manual_seed(1)
+    small = torch.randn(5, 3, 4, 4)
+    tiled = small.repeat(1, 1, 2, 2)  # [5, 3, 8, 8]: the 4x4 patch in each quadrant
+    with torch.no_grad():
+        torch.testing.assert_close(new.transformer.x_embedder(small.reshape(5, -1)),
+                                   old.transformer.x_embedder(tiled.reshape(5, -1)))
+        hidden = torch.randn(5, old.transformer.proj_out.in_features)
+        big = old.transformer.proj_out(hidden).view(5, 3, 8, 8)
+        quadrant_mean = (big[..., :4, :4] + big[..., :4, 4:] + big[..., 4:, :4] + big[..., 4:, 4:]) / 4
+        torch.testing.assert_close(new.transformer.proj_out(hidden).view(5, 3, 4, 4), quadrant_mean)
+
+    # positions: the 16x16 grid spans the same range as the 8x8 one, in steps of half a unit
+    tokens, pooled = new.encode_text(["a red circle"])
+    x_t = torch.randn(1, 256, 48)
+    ids = new.transformer_inputs(x_t, torch.tensor([0.5]), tokens, pooled)["img_ids"]
+    assert ids[:, 1].unique().tolist() == [i / 2 for i in range(16)]
+    assert ids.shape == (256, 3) and ids[:, 2].max() == 7.5
+
+    with pytest.raises(ConceptAttentionError, match="size that divides 4, not 3"):
+        new.repatch(3)
+
+
+def test_cli_repatches_init_weights_and_the_result_generates_maps_on_the_finer_grid(tiny_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "r"
+    r = runner.invoke(app, ["train-shapes", "--out", str(out), "--init-from", str(tiny_dir), "--patch", "4",
+                            "--steps", "2", "--batch", "2", "--precision", "fp32", "--quiet"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "weights" / "config.json").read_text())
+    assert (meta["config"]["patch"], meta["config"]["rope_scale"], meta["train_config"]["patch"]) == (4, 0.5, 4)
+    # a run directory is a model too (its weights/ are read); maps come on the 16x16 token grid
+    r = runner.invoke(app, ["generate", "a red circle", "--concepts", "circle", "red", "--model", str(out),
+                            "--steps", "2", "--out", str(tmp_path / "gen"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "gen" / "result.json").read_text())
+    assert result["token_grid"] == [16, 16] and np.load(tmp_path / "gen" / "maps.npy").shape == (2, 64, 64)
+    # resuming it keeps the new patch size; a size that does not divide the weights' is one clear error
+    r = runner.invoke(app, ["train-shapes", "--out", str(out), "--steps", "3", "--batch", "2", "--precision", "fp32",
+                            "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "weights" / "config.json").read_text())["config"]["patch"] == 4
+    r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), "--init-from", str(tiny_dir), "--patch", "3",
+                            "--quiet"])
+    assert r.exit_code == 2 and "size that divides 8, not 3" in r.output
+    with pytest.raises(ConceptAttentionError, match="re-patches --init-from weights"):
+        train(tmp_path / "scratch", TrainConfig(steps=1, batch=2, patch=4, bf16=False), TINY)

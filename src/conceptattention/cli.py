@@ -195,7 +195,9 @@ def train_shapes(
     precision: str = typer.Option(
         "auto", help="bf16 (autocast), fp32 (TF32 matrix products on CUDA) or auto: bf16 on CPU, fp32 on CUDA"),
     max_seconds: Optional[float] = typer.Option(None, help="stop (with a checkpoint) after this long"),
-    patch: Optional[int] = typer.Option(None, help="from scratch: pixels per patch side (default 8; 4 -> 256 tokens)"),
+    patch: Optional[int] = typer.Option(
+        None, help="pixels per patch side (default 8; 4 -> 256 tokens); with --init-from, re-patches those weights "
+        "to this size, keeping every block"),
     layers: Optional[int] = typer.Option(None, help="from scratch: double-stream blocks (default 6)"),
     single_layers: Optional[int] = typer.Option(None, help="from scratch: single-stream blocks (default 2)"),
     heads: Optional[int] = typer.Option(None, help="from scratch: attention heads (default 6)"),
@@ -218,8 +220,10 @@ def train_shapes(
         if value is not None:
             cfg = replace(cfg, **{name: value})
     shape = {"patch": patch, "layers": layers, "single_layers": single_layers, "heads": heads, "head_dim": head_dim}
-    given = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is not None]
     resuming = (Path(out) / "checkpoint.pt").is_file()
+    if cfg.init_from and not resuming and patch is not None:  # re-patch the weights, not a new architecture
+        cfg, shape["patch"] = replace(cfg, patch=patch), None
+    given = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is not None]
     if prediction is not None and resuming:
         _fail(ConceptAttentionError(
             f"{out} holds a checkpoint, whose weights fix what the model predicts; drop --prediction or use a new --out"))
@@ -228,14 +232,18 @@ def train_shapes(
     if given and (cfg.init_from or resuming):
         _fail(ConceptAttentionError(
             f"{', '.join(given)} set the architecture of a model trained from scratch; a run that resumes a checkpoint "
-            "or starts from --init-from keeps the architecture of those weights (drop the option or use a new --out)"))
+            "keeps its architecture, and one that starts from --init-from keeps that of its weights (only --patch may "
+            "re-patch them; drop the option or use a new --out)"))
     try:
         from .shapes.model import architecture
 
         model_cfg = architecture(**shape)
     except ConceptAttentionError as err:
         _fail(err)
-    weights = train(out, cfg, model_cfg, device=device, progress=not quiet, max_seconds=max_seconds)
+    try:
+        weights = train(out, cfg, model_cfg, device=device, progress=not quiet, max_seconds=max_seconds)
+    except ConceptAttentionError as err:  # e.g. a --patch that does not divide the --init-from weights' patch
+        _fail(err)
     typer.echo(f"weights: {weights}")
 
 

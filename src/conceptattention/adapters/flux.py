@@ -48,8 +48,7 @@ class FluxAdapter(MMDiTAdapter):
             return CallInputs(grid=None, num_image_tokens=num_image)
         ids = img_ids[0] if img_ids.ndim == 3 else img_ids
 
-        def grid() -> tuple[int, int]:
-            rows, cols = ids[:, 1], ids[:, 2]
-            return int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+        def grid() -> tuple[int, int]:  # distinct positions, so ids at any spacing (a re-patched model's) count
+            return int(ids[:, 1].unique().numel()), int(ids[:, 2].unique().numel())
 
         return CallInputs(grid=grid, num_image_tokens=num_image)

@@ -10,7 +10,7 @@ def load_pipeline(model: str = "shapes", device: str | None = None, torch_dtype=
     """The pipeline for ``model``.
 
     "shapes" is the built-in model; a directory holding ``model.safetensors`` + ``config.json`` is a
-    shapes model written by ``train-shapes``; anything else is a diffusers FLUX.1 or SD3/SD3.5 model
+    shapes model written by ``train-shapes`` (its run directory, holding them in ``weights/``, too); anything else is a diffusers FLUX.1 or SD3/SD3.5 model
     (hub id or local directory).
     """
     from pathlib import Path
@@ -20,6 +20,8 @@ def load_pipeline(model: str = "shapes", device: str | None = None, torch_dtype=
     if model in ("shapes", "", None):
         return ShapesPipeline.from_pretrained(device=device or "cpu")
     local = Path(model)
+    if not (local / "model.safetensors").is_file() and (local / "weights" / "model.safetensors").is_file():
+        local = local / "weights"
     if (local / "model.safetensors").is_file() and (local / "config.json").is_file():
         return ShapesPipeline.from_pretrained(local, device=device or "cpu")
     from .mmdit import MMDiTPipeline

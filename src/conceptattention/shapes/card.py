@@ -45,6 +45,7 @@ def stage_record(run: Path, command: str, note: str = "", hardware: str = "") ->
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
     return {"train_config": meta.get("train_config", {}), "steps": meta.get("steps"), "minutes": training_minutes(log),
             "prediction": meta.get("config", {}).get("prediction", "velocity"),
+            "patch": meta.get("config", {}).get("patch"),
             "log": log, "command": command, "note": note, "hardware": hardware}
 
 
@@ -69,8 +70,12 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
     patch = cfg["patch"]
     target = ("the transformer outputs the velocity" if cfg.get("prediction", "velocity") == "velocity" else
               "the transformer outputs the clean image `x_0` (\"sample\"), turned into the velocity "
-              f"`(x_t - x_0) / max(t, {SAMPLE_T_MIN})`: with {patch}x{patch} patches a token holds {3 * patch * patch} "
-              "values, and a clean image passes through the model's width where noise does not")
+              f"`(x_t - x_0) / max(t, {SAMPLE_T_MIN})`: a clean image lies on a far smaller set than noise, which "
+              "matters where a token holds about as many values as the model is wide (here "
+              f"{3 * patch * patch} values, width {cfg['num_attention_heads'] * cfg['attention_head_dim']})")
+    positions = ("" if cfg.get("rope_scale", 1.0) == 1.0 else
+                 f"; RoPE positions are token indices x {cfg['rope_scale']} (re-patched: positions keep the unit of "
+                 f"{round(patch / cfg['rope_scale'])}-px patches)")
     size_mb = (weights / "model.safetensors").stat().st_size / 2**20
     every = max(1, len(log) // 12)
     rows = "\n".join(f"| {r['step']} | {r['loss']:.4f} |" for r in log[::every] + log[-1:])
@@ -78,7 +83,7 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
         f"| {i + 1} | {(f'stage {i} weights' if i else s['train_config'].get('init_from')) if s['train_config'].get('init_from') else 'scratch'} | {s['steps']} | {s['train_config'].get('lr')} | "
         f"{s['train_config'].get('warmup')} | {s['train_config'].get('seed')} | {s['train_config'].get('batch')} | "
         f"{s['train_config'].get('object_weight', 1.0)} | {s['train_config'].get('t_uniform', 0.0)} | "
-        f"{s.get('prediction', 'velocity')} | "
+        f"{s.get('patch') or '?'} | {s.get('prediction', 'velocity')} | "
         f"{_precision(s['train_config'])} | {s.get('hardware') or hardware} | {s['minutes']:.0f} | `{s['command']}` |"
         for i, s in enumerate(stages))
     notes = " ".join(f"Stage {i + 1}: {s['note']}" for i, s in enumerate(stages) if s["note"])
@@ -95,7 +100,7 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
 - transformer: {cfg['num_layers']} double-stream + {cfg['num_single_layers']} single-stream blocks, hidden
   {cfg['num_attention_heads'] * cfg['attention_head_dim']} = {cfg['num_attention_heads']} heads x {cfg['attention_head_dim']},
   RoPE axes {cfg['axes_dims_rope']}, no guidance embedding;
-- image "latents": pixels in [-1, 1], {cfg['patch']}x{cfg['patch']} patches -> {(64 // cfg['patch']) ** 2} tokens of {3 * cfg['patch'] ** 2} values;
+- image "latents": pixels in [-1, 1], {cfg['patch']}x{cfg['patch']} patches -> {(64 // cfg['patch']) ** 2} tokens of {3 * cfg['patch'] ** 2} values{positions};
 - text encoder: vocabulary of {len(cfg['vocab']) - 1} words + padding, {cfg['text_layers']} transformer layers of width
   {cfg['text_dim']}, at most {cfg['max_tokens']} words; pooled vector = mean over real words;
 - maps read from double-stream blocks {cfg.get('map_layers')} by default, guidance {cfg.get('default_guidance')}
@@ -115,8 +120,8 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
   Each stage is reproduced by its command (a stage starting from weights reads the previous stage's
   exported `weights/`); every run resumes from `DIR/checkpoint.pt`. {notes}
 
-| stage | starts from | steps | peak lr | warm-up | seed | batch | object weight | uniform t | predicts | precision | hardware | minutes | command |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| stage | starts from | steps | peak lr | warm-up | seed | batch | object weight | uniform t | patch | predicts | precision | hardware | minutes | command |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {stage_rows}
 
 | step (all stages) | loss |

@@ -89,6 +89,9 @@ class ShapesConfig:
     default_guidance: float = 4.0
     #: What the transformer outputs (one of :data:`PREDICTIONS`); weights saved before it existed: velocity.
     prediction: str = "velocity"
+    #: RoPE position of a token = its (row, column) on the token grid times this. A model re-patched from
+    #: p to p' patches (:meth:`ShapesModel.repatch`) multiplies it by p'/p, so positions keep their unit.
+    rope_scale: float = 1.0
 
     def __post_init__(self) -> None:
         check_prediction(self.prediction)
@@ -172,11 +175,11 @@ def unpack(tokens: torch.Tensor, patch: int) -> torch.Tensor:
     return x.reshape(b, 3, IMAGE, IMAGE)
 
 
-def image_ids(grid: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Flux position ids of a square token grid, ``[grid^2, 3]`` = (0, row, col)."""
+def image_ids(grid: int, device: torch.device | str = "cpu", scale: float = 1.0) -> torch.Tensor:
+    """Flux position ids of a square token grid, ``[grid^2, 3]`` = (0, row * scale, col * scale)."""
     ids = torch.zeros(grid, grid, 3, device=device)
-    ids[..., 1] = torch.arange(grid, device=device)[:, None]
-    ids[..., 2] = torch.arange(grid, device=device)[None, :]
+    ids[..., 1] = torch.arange(grid, device=device)[:, None] * scale
+    ids[..., 2] = torch.arange(grid, device=device)[None, :] * scale
     return ids.reshape(-1, 3)
 
 
@@ -218,7 +221,7 @@ class ShapesModel(nn.Module):
             encoder_hidden_states=tokens,
             pooled_projections=pooled,
             timestep=t,
-            img_ids=image_ids(self.grid, device),
+            img_ids=image_ids(self.grid, device, self.config.rope_scale),
             txt_ids=torch.zeros(tokens.shape[1], 3, device=device),
             return_dict=False,
         )
@@ -241,6 +244,47 @@ class ShapesModel(nn.Module):
         with torch.no_grad():
             self.transformer.proj_out.weight.zero_()
             self.transformer.proj_out.bias.zero_()
+
+    def repatch(self, patch: int) -> None:
+        """Change the patch size to ``patch`` (which must divide the current one), keeping what was learnt.
+
+        Every block and the text encoder are kept. The new patch embedding reads a small patch as if it were
+        tiled over the old, large one (the old embedding's weights summed over the tiles), so on an image that
+        is flat within each old patch every new token starts equal to its old token; the new output head
+        predicts each small patch as the mean of the old head's tiles; and RoPE positions keep their unit
+        (``rope_scale``), so the children of an old token sit around its position. The model starts close to
+        the old one at four times the tokens (for 8 -> 4) and fine-tuning then learns the finer detail."""
+        from diffusers import FluxTransformer2DModel
+
+        old = self.config.patch
+        if patch < 1 or old % patch:
+            raise ConceptAttentionError(f"a model with {old}x{old} patches can be re-patched to a size that divides "
+                                        f"{old}, not {patch}")
+        if patch == old:
+            return
+        k, n = old // patch, patch
+        config = ShapesConfig(**{**asdict(self.config), "patch": patch, "rope_scale": self.config.rope_scale * patch / old})
+        inner = self.transformer.x_embedder.out_features
+        param = next(self.transformer.parameters())
+        new = FluxTransformer2DModel(**config.transformer_kwargs()).to(param.device)
+        if param.dtype != torch.float32:
+            new = new.to(dtype=param.dtype)
+        kept = {name: value for name, value in self.transformer.state_dict().items()
+                if not name.startswith(("x_embedder.", "proj_out."))}
+        missing, unexpected = new.load_state_dict(kept, strict=False)
+        assert not unexpected and sorted(missing) == sorted(
+            ["x_embedder.weight", "x_embedder.bias", "proj_out.weight", "proj_out.bias"]), (missing, unexpected)
+        with torch.no_grad():  # token layout: channel, row in patch, column in patch (see pack)
+            w_in = self.transformer.x_embedder.weight.view(inner, 3, k, n, k, n)
+            new.x_embedder.weight.copy_(w_in.sum(dim=(2, 4)).reshape(inner, 3 * n * n))
+            new.x_embedder.bias.copy_(self.transformer.x_embedder.bias)
+            w_out = self.transformer.proj_out.weight.view(3, k, n, k, n, inner)
+            new.proj_out.weight.copy_(w_out.mean(dim=(1, 3)).reshape(3 * n * n, inner))
+            b_out = self.transformer.proj_out.bias.view(3, k, n, k, n)
+            new.proj_out.bias.copy_(b_out.mean(dim=(1, 3)).reshape(3 * n * n))
+        new.train(self.transformer.training)
+        self.transformer, self.config = new, config
+        self.text_encoder.config = config
 
     # ----- weights -------------------------------------------------------------------------------
     def save(self, directory: Path, dtype: torch.dtype = torch.bfloat16, extra: dict | None = None) -> None:

@@ -47,6 +47,7 @@ class TrainConfig:
     init_from: str = ""  # start from these weights ("shapes" = the shipped model, or a weights directory)
     object_weight: float = 1.0  # loss weight of pixels on or within 2 px of an object (background: 1)
     prediction: str = ""  # "velocity" or "sample": what the transformer outputs ("": keep the weights' own)
+    patch: int = 0  # with init_from: re-patch those weights to this patch size (ShapesModel.repatch; 0: keep)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -154,6 +155,12 @@ def train(
         model_cfg = model.config
     else:
         model = ShapesModel(model_cfg).to(dev).train()
+    if state is None and cfg.patch and cfg.patch != model_cfg.patch:
+        if not cfg.init_from:
+            raise ConceptAttentionError("TrainConfig.patch re-patches --init-from weights; a model from scratch takes "
+                                        "its patch size from its architecture")
+        model.repatch(cfg.patch)
+        model_cfg = model.config
     if state is None and cfg.prediction:
         model.predict_as(cfg.prediction)
         model_cfg = model.config
@@ -238,6 +245,7 @@ def main() -> None:
     p.add_argument("--object-weight", type=float, default=TrainConfig.object_weight)
     p.add_argument("--t-uniform", type=float, default=TrainConfig.t_uniform)
     p.add_argument("--prediction", choices=PREDICTIONS, default="")
+    p.add_argument("--patch", type=int, default=0, help="with --init-from: re-patch those weights to this size")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -249,7 +257,7 @@ def main() -> None:
     bf16 = use_bf16(a.precision, a.device)
     cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, warmup=a.warmup, init_from=a.init_from,
                       object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=bf16,
-                      prediction=a.prediction)
+                      prediction=a.prediction, patch=a.patch)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 
 
