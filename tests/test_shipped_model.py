@@ -39,7 +39,8 @@ def test_main_job_generate_writes_every_file(tmp_path):
         assert w > 384 and h > 384
     assert Image.open(out / "grid.png").size[0] == 4 * (192 + 4)
     raw = np.load(out / "maps_raw.npy")
-    assert raw.dtype == np.float32 and raw.shape == (3, 8, 8)  # before the softmax, on the 8x8 token grid
+    grid = 64 // json.loads((WEIGHTS_DIR / "config.json").read_text())["config"]["patch"]
+    assert raw.dtype == np.float32 and raw.shape == (3, grid, grid)  # before the softmax, on the token grid
     assert not np.allclose(raw.sum(0), 1.0)
     seg = np.asarray(Image.open(out / "segmentation.png").convert("RGB"))
     assert seg.shape[0] == 384 and seg.shape[1] > 384  # the legend sits right of the image
