@@ -228,7 +228,7 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     assert "| a test machine | 4 | `train-shapes --out run0`" in card and "| a GPU | 2 | `train-shapes --out run1`" in card
     assert "`train-shapes --out run1`" in card and "Stage 1: a note" in card and "60 steps in 2 stage(s)" in card
     # each stage's patch size and what it predicts
-    assert "| 1.0 | 0.0 | 8 | velocity |" in card and "| 4.0 | 0.0 | 4 | sample |" in card
+    assert "| 1.0 | 0.0 | 0.0 | 8 | velocity |" in card and "| 4.0 | 0.0 | 0.0 | 4 | sample |" in card
     assert "RoPE positions" not in card  # positions are plain token indices (rope_scale 1)
     assert "| 60 | 0.0500 |" in card  # the second stage's last log line, counted from the first stage
     assert (weights / "loss_curve.png").is_file()
@@ -400,3 +400,16 @@ def test_cli_repatches_init_weights_and_the_result_generates_maps_on_the_finer_g
     assert r.exit_code == 2 and "size that divides 8, not 3" in r.output
     with pytest.raises(ConceptAttentionError, match="re-patches --init-from weights"):
         train(tmp_path / "scratch", TrainConfig(steps=1, batch=2, patch=4, bf16=False), TINY)
+
+
+def test_cli_trains_with_colorless_captions_and_checks_the_share(tiny_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "c"
+    r = runner.invoke(app, ["train-shapes", "--out", str(out), "--init-from", str(tiny_dir), "--colorless-rate", "0.5",
+                            "--steps", "1", "--batch", "2", "--precision", "fp32", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "weights" / "config.json").read_text())["train_config"]["colorless_rate"] == 0.5
+    for flag in ("--colorless-rate", "--t-uniform"):
+        r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), flag, "1.5", "--quiet"])
+        assert r.exit_code == 2 and f"{flag} is a share of the batch, between 0 and 1, not 1.5" in r.output
+    assert not (tmp_path / "bad").exists()

@@ -100,6 +100,19 @@ def test_single_word_captions_are_true_of_the_image():
         assert cap in truth
 
 
+def test_colorless_captions_name_the_same_shapes_without_colours():
+    s = world.sample_scenes(200, seed=9)
+    full, none, some = world.captions(s), world.captions(s, colorless_rate=1.0), world.captions(s, colorless_rate=0.3)
+    assert world.captions(s, colorless_rate=0.0) == full  # the default leaves every caption as it was
+    for i, cap in enumerate(none):
+        assert not set(cap.split()) & set(world.COLOR_NAMES)
+        assert sorted(w for w in cap.split() if w in world.SHAPES) == sorted(shape for _, shape in s.objects(i))
+        # the same caption with the colour words removed (objects in the same order, same background phrase)
+        assert cap == " ".join(w for w in full[i].split() if w not in world.COLOR_NAMES)
+    dropped = sum(a != b for a, b in zip(some, full))
+    assert 0.2 * 200 < dropped < 0.4 * 200 and all(c in (f, n) for c, f, n in zip(some, full, none))
+
+
 def test_deterministic_and_prefix_stable():
     a_img, a_lab = world.render(world.sample_scenes(50, seed=77))
     b_img, b_lab = world.render(world.sample_scenes(20, seed=77))

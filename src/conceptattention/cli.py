@@ -188,6 +188,9 @@ def train_shapes(
         None, "--init-from", help="continue from existing weights: 'shapes' (shipped) or a weights directory"),
     object_weight: Optional[float] = typer.Option(None, help="loss weight of object pixels (background 1)"),
     t_uniform: Optional[float] = typer.Option(None, help="share of timesteps drawn uniformly (default 0)"),
+    colorless_rate: Optional[float] = typer.Option(
+        None, help="share of captions that name the shapes without their colours, so shape words must be read "
+        "(default 0)"),
     prediction: Optional[str] = typer.Option(
         None, help="what the transformer outputs: 'velocity' (as in Flux) or 'sample' (the clean image); with "
         "--init-from a change retrains the output head (default: the weights' own, velocity from scratch)"),
@@ -216,9 +219,13 @@ def train_shapes(
     if steps is not None:
         cfg = replace(cfg, steps=steps)
     for name, value in (("batch", batch), ("lr", lr), ("warmup", warmup), ("init_from", init_from),
-                        ("object_weight", object_weight), ("t_uniform", t_uniform), ("prediction", prediction)):
+                        ("object_weight", object_weight), ("t_uniform", t_uniform), ("prediction", prediction),
+                        ("colorless_rate", colorless_rate)):
         if value is not None:
             cfg = replace(cfg, **{name: value})
+    for name, value in (("--t-uniform", t_uniform), ("--colorless-rate", colorless_rate)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            _fail(ConceptAttentionError(f"{name} is a share of the batch, between 0 and 1, not {value}"))
     shape = {"patch": patch, "layers": layers, "single_layers": single_layers, "heads": heads, "head_dim": head_dim}
     resuming = (Path(out) / "checkpoint.pt").is_file()
     if cfg.init_from and not resuming and patch is not None:  # re-patch the weights, not a new architecture

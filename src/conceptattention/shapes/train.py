@@ -37,6 +37,7 @@ class TrainConfig:
     seed: int = 0
     caption_dropout: float = 0.1
     single_word_rate: float = 0.15
+    colorless_rate: float = 0.0  # share of captions naming shapes without colours (world.captions)
     t_mean: float = 0.3  # logit-normal timestep sampling, tilted towards noise (layout)
     t_std: float = 1.0
     t_uniform: float = 0.0  # share of timesteps drawn uniformly instead (covers the low-noise end too)
@@ -76,7 +77,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
     scenes = world.sample_scenes(cfg.batch, data_seed(cfg.seed, step))
     images, labels = world.render(scenes, device)
-    texts = world.captions(scenes, cfg.single_word_rate)
+    texts = world.captions(scenes, cfg.single_word_rate, cfg.colorless_rate)
     noise_seed = cfg.seed * 7_919 + step
     g = torch.Generator().manual_seed(noise_seed)
     drop = torch.rand(cfg.batch, generator=g) < cfg.caption_dropout
@@ -246,6 +247,7 @@ def main() -> None:
     p.add_argument("--t-uniform", type=float, default=TrainConfig.t_uniform)
     p.add_argument("--prediction", choices=PREDICTIONS, default="")
     p.add_argument("--patch", type=int, default=0, help="with --init-from: re-patch those weights to this size")
+    p.add_argument("--colorless-rate", type=float, default=TrainConfig.colorless_rate)
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -257,7 +259,7 @@ def main() -> None:
     bf16 = use_bf16(a.precision, a.device)
     cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, warmup=a.warmup, init_from=a.init_from,
                       object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=bf16,
-                      prediction=a.prediction, patch=a.patch)
+                      prediction=a.prediction, patch=a.patch, colorless_rate=a.colorless_rate)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 
 

@@ -258,13 +258,15 @@ def concept_mask(scenes: Scenes, labels: torch.Tensor, word: str) -> torch.Tenso
     return torch.gather(slot_hit, 1, labels.flatten(1)).view_as(labels)
 
 
-def captions(scenes: Scenes, single_word_rate: float = 0.0) -> list[str]:
+def captions(scenes: Scenes, single_word_rate: float = 0.0, colorless_rate: float = 0.0) -> list[str]:
     """One caption per scene, e.g. "a red circle and a blue square on grass".
 
     Objects are named in a random order; the background phrase is "on a gray background", "on grass"
     or "on a grass background", "in the sky" or "on a sky background". With ``single_word_rate`` > 0
     some captions are a single word that is true of the image (a shape, colour or background name),
-    so that concepts encoded alone are in the text encoder's training distribution.
+    so that concepts encoded alone are in the text encoder's training distribution. With
+    ``colorless_rate`` > 0 some captions name the shapes without their colours ("a circle and a square
+    on grass"): there only the shape words say which shapes to draw, so the model must read them.
     """
     out = []
     # plain lists first: indexing tensors element by element costs more than the rest of a training step
@@ -279,7 +281,10 @@ def captions(scenes: Scenes, single_word_rate: float = 0.0) -> list[str]:
             words = sorted({w for pair in objs for w in pair}) + [bg]
             out.append(words[min(int(u[6] * len(words)), len(words) - 1)])
             continue
-        parts = [f"a {objs[j][0]} {objs[j][1]}" for j in order]
+        if u[4] < colorless_rate:  # u[4] is drawn for every scene and read nowhere else
+            parts = [f"a {objs[j][1]}" for j in order]
+        else:
+            parts = [f"a {objs[j][0]} {objs[j][1]}" for j in order]
         if bg == "gray":
             place = "on a gray background"
         elif bg == "grass":
