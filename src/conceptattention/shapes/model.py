@@ -1,6 +1,7 @@
 """The shapes model: a small diffusers ``FluxTransformer2DModel`` plus a word-level text encoder.
 
-Images are pixels in [-1, 1], packed into p x p patches (p = 8: 8 x 8 = 64 tokens of 192 values) that
+Images are pixels in [-1, 1], packed into p x p patches (p = 8: 8 x 8 = 64 tokens of 192 values; the
+shipped model, re-patched by :meth:`ShapesModel.repatch`, has p = 4: 256 tokens of 48 values) that
 play the role of Flux's packed latents; generation is rectified flow as in Flux (``x_t = t * noise + (1 - t) * x_0``, velocity ``noise - x_0``).
 
 The transformer's output is either that velocity (``prediction="velocity"``, as in Flux) or the clean
