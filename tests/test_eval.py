@@ -32,7 +32,7 @@ from conceptattention.eval.datasets import (
 )
 from conceptattention.eval.methods import METHODS, register_method, resolve_methods
 from conceptattention.eval.metrics import MultiClassSegmentation
-from conceptattention.eval.runner import evaluate, gaussian_blur, score_sample
+from conceptattention.eval.runner import evaluate, gaussian_blur, markdown_table, score_sample
 from conceptattention.prompt_attention import PromptAttention
 
 
@@ -79,7 +79,7 @@ def test_score_sample_counts_by_hand():
     truth = torch.full((4, 4), -1, dtype=torch.long)
     truth[:2, :2], truth[2:, 2:] = 0, 1
     sample = Sample("s", None, "", ["a", "b"], [BinaryTarget(0, mask, valid)], MultiTarget(label, [0, 1], [0, 1]),
-                    PickTarget((0, 1), truth))
+                    PickTarget((0, 1), truth), PickTarget((1, 0), truth))
     r = score_sample(maps, sample, {"blur": 0.0, "upsample": "nearest"}, num_classes=2)
     # concept 0 map: min-max -> [1, .111; .222, 0], mean .333: only the top-left quadrant is on = the mask
     assert r["binary"]["correct"] == 15 and r["binary"]["labelled"] == 15 and r["binary"]["void"] == 1
@@ -88,6 +88,7 @@ def test_score_sample_counts_by_hand():
     # labelled 15; correct: top-left 3 (one void) + right half 8 = 11
     assert r["multi"]["correct"] == 11 and r["multi"]["labelled"] == 15 and r["multi"]["void"] == 1
     assert r["pick"] == [8, 8]
+    assert r["color_pick"] == [0, 8]  # the same pixels with the two concepts swapped: always the wrong one
 
 
 def test_linear_norm_readout_is_validated():
@@ -341,7 +342,15 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
 
 def test_shapes_eval_in_memory_matches_scorer_ground_truth():
     """An oracle method that returns the true masks must score 100%."""
-    ds = load_dataset("shapes", images=6)
+    ds = load_dataset("shapes", images=20)
+    two = [ds[i] for i in range(len(ds)) if len(ds.scenes.objects(i)) == 2]
+    assert any(x.pick for x in two) and any(x.color_pick for x in two)  # the held-out seed has both kinds
+    for i in range(len(ds)):
+        objects, sample = ds.scenes.objects(i), ds[i]
+        differ = [len(objects) == 2 and objects[0][part] != objects[1][part] for part in (1, 0)]
+        assert [sample.pick is not None, sample.color_pick is not None] == differ
+        if sample.color_pick is not None:
+            assert [ds.concepts[k] for k in sample.color_pick.concepts] == [objects[0][0], objects[1][0]]
 
     @register_method("oracle_test_method", "the true masks")
     def oracle(pipe, images, concepts, captions, settings):
@@ -363,6 +372,9 @@ def test_shapes_eval_in_memory_matches_scorer_ground_truth():
     res = r["methods"]["oracle_test_method"]
     assert res["binary"]["pixel_accuracy"] == 1.0 and res["binary"]["miou"] == 1.0 and res["binary"]["map"] == 1.0
     assert res["multi"]["pixel_accuracy"] > 0.99
+    assert res["pick"]["accuracy"] == 1.0 and res["color_pick"]["accuracy"] == 1.0  # the true masks pick right
+    table = markdown_table(r)
+    assert "| shape pick (2 objects) | colour pick (2 objects) |" in table and "| 100.00 | 100.00 |" in table
 
 
 def test_eval_cli_on_real_format_files_with_a_flux_pipeline(tmp_path):

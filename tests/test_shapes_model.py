@@ -231,6 +231,7 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     assert "| 1.0 | 0.0 | 0.0 | 8 | velocity |" in card and "| 4.0 | 0.0 | 0.0 | 4 | sample |" in card
     assert "RoPE positions" not in card  # positions are plain token indices (rope_scale 1)
     assert "| 60 | 0.0500 |" in card  # the second stage's last log line, counted from the first stage
+    assert "| 70.0% | n/a |" in card  # a report from before the colour pick existed still renders
     assert (weights / "loss_curve.png").is_file()
 
 

@@ -72,7 +72,8 @@ class Sample:
     concepts: list[str]
     binary: list[BinaryTarget] = field(default_factory=list)
     multi: MultiTarget | None = None
-    pick: PickTarget | None = None
+    pick: PickTarget | None = None  # which of two shape words (the shapes world)
+    color_pick: PickTarget | None = None  # which of two colour words (the shapes world)
 
 
 class Dataset:
@@ -143,14 +144,16 @@ class ShapesDataset(Dataset):
         background_words = [w for w in ("background", *self.backgrounds) if w in words]
         candidates = [concepts.index(w) for w in background_words] + [concepts.index(s) for s in present]
         classes = [0] * len(background_words) + [1 + self.shapes.index(s) for s in present]
-        pick = None
-        if len(objects) == 2 and objects[0][1] != objects[1][1]:
+        picks = [None, None]  # (shape, colour): at the pixels of two objects that differ in it
+        if len(objects) == 2:
             truth = torch.full(label.shape, -1, dtype=torch.long)
             truth[self.labels[index] == 1] = 0
             truth[self.labels[index] == 2] = 1
-            pick = PickTarget((concepts.index(objects[0][1]), concepts.index(objects[1][1])), truth)
+            for k, part in ((0, 1), (1, 0)):  # objects are (colour, shape)
+                if objects[0][part] != objects[1][part]:
+                    picks[k] = PickTarget((concepts.index(objects[0][part]), concepts.index(objects[1][part])), truth)
         return Sample(f"shapes-{self.seed}-{index}", self.images[index], caption, list(concepts), binary,
-                      MultiTarget(label, candidates, classes), pick)
+                      MultiTarget(label, candidates, classes), *picks)
 
 
 # ----- ImageNet-Segmentation ----------------------------------------------------------------------------

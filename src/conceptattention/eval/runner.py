@@ -66,8 +66,9 @@ def _target_size(sample: Sample) -> tuple[int, int]:
         return tuple(t.mask.shape)
     if sample.multi is not None:
         return tuple(sample.multi.label.shape)
-    if sample.pick is not None:
-        return tuple(sample.pick.truth.shape)
+    for pick in (sample.pick, sample.color_pick):
+        if pick is not None:
+            return tuple(pick.truth.shape)
     raise ConceptAttentionError(f"sample {sample.key} has nothing to score")
 
 
@@ -95,12 +96,12 @@ def score_sample(token_maps: torch.Tensor, sample: Sample, settings: dict, num_c
         seg.add(prediction, m.label)
         record["multi"] = {"correct": seg.correct, "labelled": seg.labelled, "inter": seg.inter,
                            "union": seg.union, "void": int((m.label < 0).sum())}
-    if sample.pick is not None:
-        a, b = sample.pick.concepts
-        says_a = up[a] > up[b]
-        truth = sample.pick.truth
-        scored = truth >= 0
-        record["pick"] = [int((says_a[scored] == (truth[scored] == 0)).sum()), int(scored.sum())]
+    for key, pick in (("pick", sample.pick), ("color_pick", sample.color_pick)):
+        if pick is not None:
+            a, b = pick.concepts
+            says_a = up[a] > up[b]
+            scored = pick.truth >= 0
+            record[key] = [int((says_a[scored] == (pick.truth[scored] == 0)).sum()), int(scored.sum())]
     return record
 
 
@@ -111,7 +112,7 @@ def summarise(records: list[dict], methods: Sequence[str], class_names: Sequence
     for name in methods:
         binary, multi = BinarySegmentation(), MultiClassSegmentation(max(1, len(class_names)))
         has_binary = has_multi = False
-        pick, void_binary, void_multi = [0, 0], 0, 0
+        picks, void_binary, void_multi = {"pick": [0, 0], "color_pick": [0, 0]}, 0, 0
         for record in records:
             r = record["methods"][name]
             if "binary" in r:
@@ -123,8 +124,9 @@ def summarise(records: list[dict], methods: Sequence[str], class_names: Sequence
                 multi = multi.merge(MultiClassSegmentation(multi.num_classes, m["correct"], m["labelled"],
                                                            m["inter"], m["union"]))
                 void_multi += m["void"]
-            if "pick" in r:
-                pick = [pick[0] + r["pick"][0], pick[1] + r["pick"][1]]
+            for key, total in picks.items():
+                if key in r:
+                    picks[key] = [total[0] + r[key][0], total[1] + r[key][1]]
         result: dict[str, Any] = {}
         if has_binary:
             b = binary.result()
@@ -132,8 +134,9 @@ def summarise(records: list[dict], methods: Sequence[str], class_names: Sequence
             result["binary"] = {**b, "void_pixels": void_binary}
         if has_multi:
             result["multi"] = {**multi.result(list(class_names)), "void_pixels": void_multi}
-        if pick[1]:
-            result["pick"] = {"accuracy": pick[0] / pick[1], "pixels": pick[1]}
+        for key, (right, pixels) in picks.items():
+            if pixels:
+                result[key] = {"accuracy": right / pixels, "pixels": pixels}
         out[name] = result
     return out
 
@@ -149,8 +152,9 @@ def markdown_table(results: dict) -> str:
         head += ["pixel acc", "mIoU", "paper-compatible mIoU", "mAP"]
     if "multi" in first:
         head += ["multi-class acc", "multi-class mIoU"]
-    if "pick" in first:
-        head += ["shape pick (2 objects)"]
+    picks = [(key, title) for key, title in (("pick", "shape pick (2 objects)"), ("color_pick", "colour pick (2 objects)"))
+             if key in first]
+    head += [title for _, title in picks]
     rule = ["---"] * len(head)
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
 
@@ -164,8 +168,7 @@ def markdown_table(results: dict) -> str:
             row += [pct(b["pixel_accuracy"]), pct(b["miou"]), pct(b["paper_compatible_miou"]), pct(b["map"])]
         if "multi" in r:
             row += [pct(r["multi"]["pixel_accuracy"]), pct(r["multi"]["miou"])]
-        if "pick" in r:
-            row += [pct(r["pick"]["accuracy"])]
+        row += [pct(r[key]["accuracy"]) if key in r else "n/a" for key, _ in picks]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Binary columns: the map of each scored concept, min-max normalised and thresholded at its mean, "
               "against the concept's mask; sums over the dataset (mIoU over foreground and background). "

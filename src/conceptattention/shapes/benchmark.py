@@ -10,7 +10,8 @@ and the guidance scale are chosen on a separate validation seed, never on the he
   word that is true of the image, the map is min-max normalised and thresholded at its mean and
   scored against the word's exact mask (pixel accuracy, fg/bg mIoU, mAP; sums over the dataset).
   ``shape_pick``: in images with two objects of different shapes, the share of object pixels where
-  the larger of the two shape words' maps names the right shape (chance: 50%).
+  the larger of the two shape words' maps names the right shape (chance: 50%); ``color_pick`` the
+  same for two objects of different colours and their colour words.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ def map_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, readouts: Sequence[st
                        t=t, samples=samples, layers=list(layers) if layers else None, batch=batch)
     out = {}
     for name, r in results["methods"].items():
-        pick = r.get("pick", {"accuracy": float("nan"), "pixels": 0})
+        none = {"accuracy": float("nan"), "pixels": 0}
+        pick, color_pick = r.get("pick", none), r.get("color_pick", none)
         out[name] = {**r["binary"], "shape_pick": pick["accuracy"], "shape_pick_pixels": pick["pixels"],
+                     "color_pick": color_pick["accuracy"], "color_pick_pixels": color_pick["pixels"],
                      "multi_class": r["multi"]}
     return {"images": n, "seed": seed, "layers": results["settings"]["layers"], "t": t, "samples": samples,
             "concepts": list(CONCEPTS), "readouts": out}
@@ -83,11 +86,13 @@ def markdown_table(maps: dict, samples: dict | None = None) -> str:
                   f"{100 * samples['exact_images']:.1f}% |", ""]
     lines += [f"Maps: {maps['images']} held-out images, layers {maps['layers']}, t = {maps['t']}, "
               f"{maps['samples']} noise samples, concepts {', '.join(maps['concepts'])}.", "",
-              "| readout | pixel acc | mIoU | paper-compatible mIoU | mAP | shape pick (2 objects) |",
-              "|---|---|---|---|---|---|"]
+              "| readout | pixel acc | mIoU | paper-compatible mIoU | mAP | shape pick (2 objects) | colour pick (2 objects) |",
+              "|---|---|---|---|---|---|---|"]
     for name, r in maps["readouts"].items():
+        colour = f"{100 * r['color_pick']:.1f}%" if "color_pick" in r else "n/a"  # not measured before it existed
         lines.append(f"| {name} | {100 * r['pixel_accuracy']:.2f} | {100 * r['miou']:.2f} | "
-                     f"{100 * r['paper_compatible_miou']:.2f} | {100 * r['map']:.2f} | {100 * r['shape_pick']:.1f}% |")
+                     f"{100 * r['paper_compatible_miou']:.2f} | {100 * r['map']:.2f} | {100 * r['shape_pick']:.1f}% | "
+                     f"{colour} |")
     return "\n".join(lines)
 
 
