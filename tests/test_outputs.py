@@ -48,5 +48,6 @@ def test_raw_maps_are_the_scores_before_the_softmax():
     pipe = load_pipeline("shapes")
     res = pipe.encode(torch.rand(3, 64, 64), ["circle", "square", "sky"], caption="a red circle in the sky",
                       layers=[4], samples=1)
-    assert res.raw_token_maps.shape == res.token_maps.shape == (3, 8, 8)
+    grid = pipe.model.grid  # tokens per side of the shipped model (16 at 4x4 patches)
+    assert res.raw_token_maps.shape == res.token_maps.shape == (3, grid, grid)
     torch.testing.assert_close(res.raw_token_maps.softmax(0), res.token_maps, rtol=1e-5, atol=1e-6)
