@@ -22,6 +22,18 @@ TINY = ShapesConfig(text_dim=32, text_layers=1, text_heads=2, num_layers=3, num_
                     attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 6, 6))
 
 
+def train_briefly(out: Path, *options: str, steps: int = 2):
+    """``train-shapes`` for a few float32 steps at batch 2 (the CLI result)."""
+    return CliRunner().invoke(app, ["train-shapes", "--out", str(out), *options, "--steps", str(steps), "--batch", "2",
+                                    "--precision", "fp32", "--quiet"])
+
+
+def generate_briefly(model: Path, out: Path):
+    """``generate`` of one short caption in two steps with ``model`` (the CLI result)."""
+    return CliRunner().invoke(app, ["generate", "a red circle", "--concepts", "circle", "red", "--model", str(model),
+                                    "--steps", "2", "--out", str(out), "--quiet"])
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     torch.manual_seed(0)
@@ -281,8 +293,7 @@ def test_cli_trains_a_new_architecture_from_scratch_and_it_runs_end_to_end(tmp_p
     assert r.exit_code == 0, r.output
     config = json.loads((out / "weights" / "config.json").read_text())["config"]
     assert (config["patch"], config["num_layers"], config["num_attention_heads"], config["attention_head_dim"]) == (4, 2, 2, 16)
-    r = runner.invoke(app, ["generate", "a red circle", "--concepts", "circle", "red", "--model", str(out / "weights"),
-                            "--steps", "2", "--out", str(tmp_path / "gen"), "--quiet"])
+    r = generate_briefly(out / "weights", tmp_path / "gen")
     assert r.exit_code == 0, r.output
     maps = np.load(tmp_path / "gen" / "maps.npy")
     assert maps.shape == (2, 64, 64) and np.isfinite(maps).all()
@@ -331,12 +342,10 @@ def test_sample_prediction_turns_the_clean_image_guess_into_the_flow_velocity(ti
 def test_cli_fine_tunes_into_sample_prediction_and_refuses_it_on_resume(tiny_dir, tmp_path):
     runner = CliRunner()
     out = tmp_path / "x"
-    r = runner.invoke(app, ["train-shapes", "--out", str(out), "--init-from", str(tiny_dir), "--prediction", "sample",
-                            "--steps", "2", "--batch", "2", "--precision", "fp32", "--quiet"])
+    r = train_briefly(out, "--init-from", str(tiny_dir), "--prediction", "sample")
     assert r.exit_code == 0, r.output
     assert json.loads((out / "weights" / "config.json").read_text())["config"]["prediction"] == "sample"
-    r = runner.invoke(app, ["generate", "a red circle", "--concepts", "circle", "red", "--model", str(out / "weights"),
-                            "--steps", "2", "--out", str(tmp_path / "gen"), "--quiet"])
+    r = generate_briefly(out / "weights", tmp_path / "gen")
     assert r.exit_code == 0, r.output
     assert np.isfinite(np.load(tmp_path / "gen" / "maps.npy")).all()
     r = runner.invoke(app, ["train-shapes", "--out", str(out), "--prediction", "velocity", "--steps", "3", "--quiet"])
@@ -380,20 +389,17 @@ def test_repatch_keeps_every_block_and_reads_small_patches_as_tiled_large_ones(t
 def test_cli_repatches_init_weights_and_the_result_generates_maps_on_the_finer_grid(tiny_dir, tmp_path):
     runner = CliRunner()
     out = tmp_path / "r"
-    r = runner.invoke(app, ["train-shapes", "--out", str(out), "--init-from", str(tiny_dir), "--patch", "4",
-                            "--steps", "2", "--batch", "2", "--precision", "fp32", "--quiet"])
+    r = train_briefly(out, "--init-from", str(tiny_dir), "--patch", "4")
     assert r.exit_code == 0, r.output
     meta = json.loads((out / "weights" / "config.json").read_text())
     assert (meta["config"]["patch"], meta["config"]["rope_scale"], meta["train_config"]["patch"]) == (4, 0.5, 4)
     # a run directory is a model too (its weights/ are read); maps come on the 16x16 token grid
-    r = runner.invoke(app, ["generate", "a red circle", "--concepts", "circle", "red", "--model", str(out),
-                            "--steps", "2", "--out", str(tmp_path / "gen"), "--quiet"])
+    r = generate_briefly(out, tmp_path / "gen")
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "gen" / "result.json").read_text())
     assert result["token_grid"] == [16, 16] and np.load(tmp_path / "gen" / "maps.npy").shape == (2, 64, 64)
     # resuming it keeps the new patch size; a size that does not divide the weights' is one clear error
-    r = runner.invoke(app, ["train-shapes", "--out", str(out), "--steps", "3", "--batch", "2", "--precision", "fp32",
-                            "--quiet"])
+    r = train_briefly(out, steps=3)
     assert r.exit_code == 0, r.output
     assert json.loads((out / "weights" / "config.json").read_text())["config"]["patch"] == 4
     r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), "--init-from", str(tiny_dir), "--patch", "3",
@@ -406,8 +412,7 @@ def test_cli_repatches_init_weights_and_the_result_generates_maps_on_the_finer_g
 def test_cli_trains_with_colorless_captions_and_checks_the_share(tiny_dir, tmp_path):
     runner = CliRunner()
     out = tmp_path / "c"
-    r = runner.invoke(app, ["train-shapes", "--out", str(out), "--init-from", str(tiny_dir), "--colorless-rate", "0.5",
-                            "--steps", "1", "--batch", "2", "--precision", "fp32", "--quiet"])
+    r = train_briefly(out, "--init-from", str(tiny_dir), "--colorless-rate", "0.5", steps=1)
     assert r.exit_code == 0, r.output
     assert json.loads((out / "weights" / "config.json").read_text())["train_config"]["colorless_rate"] == 0.5
     for flag in ("--colorless-rate", "--t-uniform"):

@@ -153,7 +153,7 @@ class ShapesDataset(Dataset):
                 if objects[0][part] != objects[1][part]:
                     picks[k] = PickTarget((concepts.index(objects[0][part]), concepts.index(objects[1][part])), truth)
         return Sample(f"shapes-{self.seed}-{index}", self.images[index], caption, list(concepts), binary,
-                      MultiTarget(label, candidates, classes), *picks)
+                      MultiTarget(label, candidates, classes), pick=picks[0], color_pick=picks[1])
 
 
 # ----- ImageNet-Segmentation ----------------------------------------------------------------------------
