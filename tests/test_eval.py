@@ -31,9 +31,18 @@ from conceptattention.eval.datasets import (
     load_dataset,
 )
 from conceptattention.eval.methods import METHODS, register_method, resolve_methods
-from conceptattention.eval.metrics import MultiClassSegmentation
-from conceptattention.eval.runner import evaluate, gaussian_blur, markdown_table, score_sample
+from conceptattention.eval.metrics import BinarySegmentation, MultiClassSegmentation
+from conceptattention.eval.runner import (
+    evaluate,
+    gaussian_blur,
+    markdown_table,
+    merge_concepts,
+    per_concept_table,
+    score_sample,
+    summarise,
+)
 from conceptattention.prompt_attention import PromptAttention
+from conceptattention.shapes import benchmark
 
 
 # ----- metrics and scoring -------------------------------------------------------------------------------
@@ -340,6 +349,55 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
     assert a["methods"] == b["methods"]
 
 
+def test_per_concept_scores_by_hand():
+    """Each concept's own sums, kept beside the pooled ones: they add up to the pooled numbers, a concept
+    scored in two images sums over both, and a group of concepts scores like its targets pooled."""
+    maps = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])  # "a": top-left, "b": right half
+    top_left = torch.zeros(4, 4, dtype=torch.bool)
+    top_left[:2, :2] = True
+    right = torch.zeros(4, 4, dtype=torch.bool)
+    right[:, 2:] = True
+    left = ~right
+    settings = {"blur": 0.0, "upsample": "nearest"}
+    one = score_sample(maps, Sample("1", None, "", ["a", "b"], [BinaryTarget(0, top_left), BinaryTarget(1, right)]),
+                       settings, num_classes=2)
+    # image 2 scores "a" against the left half: the map finds 4 of its 8 pixels
+    two = score_sample(maps, Sample("2", None, "", ["a", "b"], [BinaryTarget(0, left)]), settings, num_classes=2)
+    per = one["binary"]["by_concept"]
+    assert per["a"]["inter"] == [12, 4] and per["a"]["union"] == [12, 4]  # exact
+    assert per["b"]["inter"] == [8, 8] and per["b"]["union"] == [8, 8]
+    for key in ("inter", "union"):
+        assert [x + y for x, y in zip(per["a"][key], per["b"][key])] == one["binary"][key]
+    assert two["binary"]["by_concept"]["a"]["inter"] == [8, 4] and two["binary"]["by_concept"]["a"]["union"] == [12, 8]
+
+    records = [{"methods": {"m": one}}, {"methods": {"m": two}}]
+    res = summarise(records, ["m"], ["x", "y"])["m"]["binary"]
+    a, b = res["by_concept"]["a"], res["by_concept"]["b"]
+    assert a["targets"] == 2 and b["targets"] == 1
+    assert a["iou_background"] == pytest.approx(20 / 24) and a["iou_foreground"] == pytest.approx(8 / 12)
+    assert a["pixel_accuracy"] == pytest.approx(28 / 32) and b["miou"] == 1.0
+    # the group of both words scores exactly like all three targets pooled, which is the overall result
+    group = merge_concepts(res["by_concept"], ["a", "b", "not-scored"])
+    for key in ("pixel_accuracy", "miou", "iou_foreground", "iou_background", "map"):
+        assert group[key] == pytest.approx(res[key])
+    assert group["targets"] == 3 and merge_concepts(res["by_concept"], ["not-scored"]) is None
+    table = "\n".join(per_concept_table({"m": {"binary": res}}))
+    assert "| method | a | b |" in table and f"| m | {100 * a['miou']:.1f} | 100.0 |" in table
+    wide = {"m": {"binary": {"by_concept": {f"w{i}": a for i in range(30)}}}}
+    assert per_concept_table(wide) == []  # too many concepts for a table: results.json only
+
+    # a record written before per-concept sums existed (a resumed old run): no per-concept result at all
+    old = json.loads(json.dumps(two))
+    del old["binary"]["by_concept"]
+    mixed = summarise([{"methods": {"m": one}}, {"methods": {"m": old}}], ["m"], ["x", "y"])["m"]["binary"]
+    assert "by_concept" not in mixed
+    pooled = BinarySegmentation()
+    for r in (one, two):
+        b = r["binary"]
+        pooled = pooled.merge(BinarySegmentation(b["correct"], b["labelled"], b["inter"], b["union"], b["ap"]))
+    assert mixed["miou"] == pytest.approx(pooled.result()["miou"])
+
+
 def test_shapes_eval_in_memory_matches_scorer_ground_truth():
     """An oracle method that returns the true masks must score 100%."""
     ds = load_dataset("shapes", images=20)
@@ -367,14 +425,21 @@ def test_shapes_eval_in_memory_matches_scorer_ground_truth():
 
     try:
         r = evaluate(NoModel(), ds, ["oracle_test_method"], None, progress=False, batch=4)
+        report = benchmark.map_quality(NoModel(), len(ds), ds.seed, readouts=["oracle_test_method"], progress=False)
     finally:
         METHODS.pop("oracle_test_method")
+    kinds = report["readouts"]["oracle_test_method"]["by_kind"]
+    assert set(kinds) == {"shape", "colour", "scene", "background"} and all(k["miou"] == 1.0 for k in kinds.values())
+    assert "| oracle_test_method | 100.0 | 100.0 | 100.0 | 100.0 |" in benchmark.markdown_table(report)
     res = r["methods"]["oracle_test_method"]
     assert res["binary"]["pixel_accuracy"] == 1.0 and res["binary"]["miou"] == 1.0 and res["binary"]["map"] == 1.0
     assert res["multi"]["pixel_accuracy"] > 0.99
     assert res["pick"]["accuracy"] == 1.0 and res["color_pick"]["accuracy"] == 1.0  # the true masks pick right
     table = markdown_table(r)
     assert "| shape pick (2 objects) | colour pick (2 objects) |" in table and "| 100.00 | 100.00 |" in table
+    scored = {w for i in range(len(ds)) for w in ds.captions[i].split() if w in ds.concepts} | {"background"}
+    assert set(res["binary"]["by_concept"]) == scored
+    assert all(c["miou"] == 1.0 for c in res["binary"]["by_concept"].values())
 
 
 def test_eval_cli_on_real_format_files_with_a_flux_pipeline(tmp_path):

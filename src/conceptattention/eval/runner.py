@@ -81,13 +81,19 @@ def score_sample(token_maps: torch.Tensor, sample: Sample, settings: dict, num_c
     record: dict[str, Any] = {}
     if sample.binary:
         seg = BinarySegmentation()
+        by_concept: dict[str, BinarySegmentation] = {}
         void = 0
         for target in sample.binary:
-            seg.add(mean_threshold(up[target.concept]), target.mask, scores=up[target.concept], valid=target.valid)
+            one = BinarySegmentation()
+            one.add(mean_threshold(up[target.concept]), target.mask, scores=up[target.concept], valid=target.valid)
+            seg = seg.merge(one)
+            word = sample.concepts[target.concept]
+            by_concept[word] = by_concept[word].merge(one) if word in by_concept else one
             if target.valid is not None:
                 void += int((~target.valid.bool()).sum())
         record["binary"] = {"correct": seg.correct, "labelled": seg.labelled, "inter": seg.inter,
-                            "union": seg.union, "ap": seg.ap, "void": void}
+                            "union": seg.union, "ap": seg.ap, "void": void,
+                            "by_concept": {w: _sums(b) for w, b in by_concept.items()}}
     if sample.multi is not None:
         m = sample.multi
         winner = up[m.candidates].argmax(0)
@@ -106,6 +112,42 @@ def score_sample(token_maps: torch.Tensor, sample: Sample, settings: dict, num_c
 
 
 # ----- merging -----------------------------------------------------------------------------------------
+def _sums(seg: BinarySegmentation) -> dict:
+    return {"correct": seg.correct, "labelled": seg.labelled, "inter": seg.inter, "union": seg.union, "ap": seg.ap}
+
+
+def _segmentation(sums: dict) -> BinarySegmentation:
+    return BinarySegmentation(sums["correct"], sums["labelled"], list(sums["inter"]), list(sums["union"]),
+                              list(sums["ap"]))
+
+
+def concept_result(sums: dict) -> dict:
+    """Scores of one concept (or group of concepts) from its summed counts: the binary columns plus
+    ``targets`` (how many masks were scored) and the sums themselves, so that groups can be merged."""
+    r = _segmentation(sums).result()
+    r["targets"] = r.pop("images")
+    return {**r, "sums": {k: sums[k] for k in ("correct", "labelled", "inter", "union")}, "ap_count": len(sums["ap"])}
+
+
+def merge_concepts(by_concept: dict, words: Sequence[str]) -> dict | None:
+    """One score for a group of concepts (e.g. every colour word): their sums added, then scored.
+    None when none of the words was scored. mAP: the per-concept mAPs weighted by their counts of
+    scored APs, which is the mean over every target of the group."""
+    present = [by_concept[w] for w in words if w in by_concept]
+    if not present:
+        return None
+    seg = BinarySegmentation()
+    for r in present:
+        seg = seg.merge(_segmentation({**r["sums"], "ap": []}))
+    out = seg.result()
+    counted = [(r["map"], r["ap_count"]) for r in present if r["ap_count"]]
+    total = sum(n for _, n in counted)
+    out["map"] = sum(m * n for m, n in counted) / total if total else float("nan")
+    out.pop("images")
+    out["targets"] = sum(r["targets"] for r in present)
+    return out
+
+
 def summarise(records: list[dict], methods: Sequence[str], class_names: Sequence[str]) -> dict[str, dict]:
     """Dataset-level numbers per method from per-image records (given in dataset order)."""
     out: dict[str, dict] = {}
@@ -113,12 +155,18 @@ def summarise(records: list[dict], methods: Sequence[str], class_names: Sequence
         binary, multi = BinarySegmentation(), MultiClassSegmentation(max(1, len(class_names)))
         has_binary = has_multi = False
         picks, void_binary, void_multi = {"pick": [0, 0], "color_pick": [0, 0]}, 0, 0
+        by_concept: dict[str, dict] | None = {}  # None once a record predates per-concept sums
         for record in records:
             r = record["methods"][name]
             if "binary" in r:
                 b, has_binary = r["binary"], True
                 binary = binary.merge(BinarySegmentation(b["correct"], b["labelled"], b["inter"], b["union"], b["ap"]))
                 void_binary += b["void"]
+                if by_concept is not None and "by_concept" not in b:
+                    by_concept = None
+                for word, sums in (b.get("by_concept", {}) if by_concept is not None else {}).items():
+                    merged = _segmentation(sums) if word not in by_concept else by_concept[word].merge(_segmentation(sums))
+                    by_concept[word] = merged
             if "multi" in r:
                 m, has_multi = r["multi"], True
                 multi = multi.merge(MultiClassSegmentation(multi.num_classes, m["correct"], m["labelled"],
@@ -132,6 +180,8 @@ def summarise(records: list[dict], methods: Sequence[str], class_names: Sequence
             b = binary.result()
             b["targets"] = b.pop("images")
             result["binary"] = {**b, "void_pixels": void_binary}
+            if by_concept:
+                result["binary"]["by_concept"] = {w: concept_result(_sums(seg)) for w, seg in sorted(by_concept.items())}
         if has_multi:
             result["multi"] = {**multi.result(list(class_names)), "void_pixels": void_multi}
         for key, (right, pixels) in picks.items():
@@ -174,7 +224,25 @@ def markdown_table(results: dict) -> str:
               "against the concept's mask; sums over the dataset (mIoU over foreground and background). "
               "Paper-compatible mIoU = acc / (2 - acc), what the authors' ImageNet script reports. "
               "mAP: per-target average precision, averaged."]
+    lines += per_concept_table(results["methods"])
     return "\n".join(lines) + "\n"
+
+
+PER_CONCEPT_COLUMNS = 24  # wider tables (ImageNet's 445 classes) stay in results.json only
+
+
+def per_concept_table(methods: dict) -> list[str]:
+    """Markdown lines: fg/bg mIoU of every scored concept (columns) for every method (rows)."""
+    words = sorted({w for r in methods.values() for w in r.get("binary", {}).get("by_concept", {})})
+    if not words or len(words) > PER_CONCEPT_COLUMNS:
+        return []
+    lines = ["", "mIoU of each concept's own maps (fg/bg, sums over the images where it is scored):", "",
+             "| method | " + " | ".join(words) + " |", "|---|" + "---|" * len(words)]
+    for name, r in methods.items():
+        per = r.get("binary", {}).get("by_concept", {})
+        cells = [f"{100 * per[w]['miou']:.1f}" if w in per else "n/a" for w in words]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # ----- the runner --------------------------------------------------------------------------------------

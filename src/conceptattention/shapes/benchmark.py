@@ -28,6 +28,9 @@ from .train import HELDOUT_SEED
 
 VALIDATION_SEED = 31_337
 CONCEPTS: tuple[str, ...] = (*world.SHAPES, *world.COLOR_NAMES, *world.BACKGROUNDS, "background")
+# the concept words by kind, for the per-kind mIoU (which words' maps work and which do not)
+WORD_KINDS: dict[str, tuple[str, ...]] = {"shape": tuple(world.SHAPES), "colour": tuple(world.COLOR_NAMES),
+                                          "scene": tuple(world.BACKGROUNDS), "background": ("background",)}
 
 
 def sample_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, steps: int = 20, guidance: float | None = None,
@@ -52,7 +55,7 @@ def map_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, readouts: Sequence[st
                 progress: bool = True) -> dict:
     """Segment held-out images with every readout (one pass per batch, via the eval runner)."""
     from ..eval.datasets import ShapesDataset
-    from ..eval.runner import evaluate
+    from ..eval.runner import evaluate, merge_concepts
 
     results = evaluate(pipe, ShapesDataset(n, seed), list(readouts), None, progress=progress, rank=0, world=1,
                        t=t, samples=samples, layers=list(layers) if layers else None, batch=batch)
@@ -60,9 +63,11 @@ def map_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, readouts: Sequence[st
     for name, r in results["methods"].items():
         none = {"accuracy": float("nan"), "pixels": 0}
         pick, color_pick = r.get("pick", none), r.get("color_pick", none)
+        by_concept = r["binary"].get("by_concept", {})
+        kinds = {kind: merge_concepts(by_concept, words) for kind, words in WORD_KINDS.items()}
         out[name] = {**r["binary"], "shape_pick": pick["accuracy"], "shape_pick_pixels": pick["pixels"],
                      "color_pick": color_pick["accuracy"], "color_pick_pixels": color_pick["pixels"],
-                     "multi_class": r["multi"]}
+                     "multi_class": r["multi"], "by_kind": {k: v for k, v in kinds.items() if v is not None}}
     return {"images": n, "seed": seed, "layers": results["settings"]["layers"], "t": t, "samples": samples,
             "concepts": list(CONCEPTS), "readouts": out}
 
@@ -93,6 +98,14 @@ def markdown_table(maps: dict, samples: dict | None = None) -> str:
         lines.append(f"| {name} | {100 * r['pixel_accuracy']:.2f} | {100 * r['miou']:.2f} | "
                      f"{100 * r['paper_compatible_miou']:.2f} | {100 * r['map']:.2f} | {100 * r['shape_pick']:.1f}% | "
                      f"{colour} |")
+    kinds = [k for k in WORD_KINDS if any(k in r.get("by_kind", {}) for r in maps["readouts"].values())]
+    if kinds:  # reports written before the per-kind scores existed have none
+        lines += ["", "mIoU by kind of word (each kind's masks scored together; the mIoU above pools them all):", "",
+                  "| readout | " + " | ".join(f"{k} words" if k != "background" else "'background'" for k in kinds) + " |",
+                  "|---|" + "---|" * len(kinds)]
+        for name, r in maps["readouts"].items():
+            per = r.get("by_kind", {})
+            lines.append(f"| {name} | " + " | ".join(f"{100 * per[k]['miou']:.1f}" if k in per else "n/a" for k in kinds) + " |")
     return "\n".join(lines)
 
 
