@@ -11,7 +11,9 @@ and the guidance scale are chosen on a separate validation seed, never on the he
   scored against the word's exact mask (pixel accuracy, fg/bg mIoU, mAP; sums over the dataset).
   ``shape_pick``: in images with two objects of different shapes, the share of object pixels where
   the larger of the two shape words' maps names the right shape (chance: 50%); ``color_pick`` the
-  same for two objects of different colours and their colour words.
+  same for two objects of different colours and their colour words. ``by_kind``: the same binary
+  scores with each kind of word's masks pooled on their own (shape, colour, scene words and the word
+  "background"), which shows which words' maps work.
 """
 
 from __future__ import annotations
