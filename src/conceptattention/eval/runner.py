@@ -113,6 +113,7 @@ def score_sample(token_maps: torch.Tensor, sample: Sample, settings: dict, num_c
 
 # ----- merging -----------------------------------------------------------------------------------------
 def _sums(seg: BinarySegmentation) -> dict:
+    """A segmentation's counts as a JSON-ready dict (one concept's part of a record)."""
     return {"correct": seg.correct, "labelled": seg.labelled, "inter": seg.inter, "union": seg.union, "ap": seg.ap}
 
 
@@ -162,11 +163,11 @@ def summarise(records: list[dict], methods: Sequence[str], class_names: Sequence
                 b, has_binary = r["binary"], True
                 binary = binary.merge(BinarySegmentation(b["correct"], b["labelled"], b["inter"], b["union"], b["ap"]))
                 void_binary += b["void"]
-                if by_concept is not None and "by_concept" not in b:
+                if "by_concept" not in b:
                     by_concept = None
-                for word, sums in (b.get("by_concept", {}) if by_concept is not None else {}).items():
-                    merged = _segmentation(sums) if word not in by_concept else by_concept[word].merge(_segmentation(sums))
-                    by_concept[word] = merged
+                elif by_concept is not None:
+                    for word, sums in b["by_concept"].items():
+                        by_concept[word] = by_concept.get(word, BinarySegmentation()).merge(_segmentation(sums))
             if "multi" in r:
                 m, has_multi = r["multi"], True
                 multi = multi.merge(MultiClassSegmentation(multi.num_classes, m["correct"], m["labelled"],
