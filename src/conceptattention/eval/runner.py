@@ -80,20 +80,17 @@ def score_sample(token_maps: torch.Tensor, sample: Sample, settings: dict, num_c
                        **({"align_corners": False} if mode == "bilinear" else {}))[0]
     record: dict[str, Any] = {}
     if sample.binary:
-        seg = BinarySegmentation()
         by_concept: dict[str, BinarySegmentation] = {}
         void = 0
         for target in sample.binary:
-            one = BinarySegmentation()
-            one.add(mean_threshold(up[target.concept]), target.mask, scores=up[target.concept], valid=target.valid)
-            seg = seg.merge(one)
-            word = sample.concepts[target.concept]
-            by_concept[word] = by_concept[word].merge(one) if word in by_concept else one
+            seg = by_concept.setdefault(sample.concepts[target.concept], BinarySegmentation())
+            seg.add(mean_threshold(up[target.concept]), target.mask, scores=up[target.concept], valid=target.valid)
             if target.valid is not None:
                 void += int((~target.valid.bool()).sum())
-        record["binary"] = {"correct": seg.correct, "labelled": seg.labelled, "inter": seg.inter,
-                            "union": seg.union, "ap": seg.ap, "void": void,
-                            "by_concept": {w: _sums(b) for w, b in by_concept.items()}}
+        pooled = BinarySegmentation()
+        for seg in by_concept.values():
+            pooled = pooled.merge(seg)
+        record["binary"] = {**_sums(pooled), "void": void, "by_concept": {w: _sums(b) for w, b in by_concept.items()}}
     if sample.multi is not None:
         m = sample.multi
         winner = up[m.candidates].argmax(0)
@@ -122,12 +119,13 @@ def _segmentation(sums: dict) -> BinarySegmentation:
                               list(sums["ap"]))
 
 
-def concept_result(sums: dict) -> dict:
-    """Scores of one concept (or group of concepts) from its summed counts: the binary columns plus
-    ``targets`` (how many masks were scored) and the sums themselves, so that groups can be merged."""
-    r = _segmentation(sums).result()
+def concept_result(seg: BinarySegmentation) -> dict:
+    """Scores of one concept from its summed counts: the binary columns plus ``targets`` (how many masks
+    were scored) and the sums themselves, so that groups can be merged (:func:`merge_concepts`)."""
+    r = seg.result()
     r["targets"] = r.pop("images")
-    return {**r, "sums": {k: sums[k] for k in ("correct", "labelled", "inter", "union")}, "ap_count": len(sums["ap"])}
+    sums = {k: v for k, v in _sums(seg).items() if k != "ap"}
+    return {**r, "sums": sums, "ap_count": len(seg.ap)}
 
 
 def merge_concepts(by_concept: dict, words: Sequence[str]) -> dict | None:
@@ -182,7 +180,7 @@ def summarise(records: list[dict], methods: Sequence[str], class_names: Sequence
             b["targets"] = b.pop("images")
             result["binary"] = {**b, "void_pixels": void_binary}
             if by_concept:
-                result["binary"]["by_concept"] = {w: concept_result(_sums(seg)) for w, seg in sorted(by_concept.items())}
+                result["binary"]["by_concept"] = {w: concept_result(seg) for w, seg in sorted(by_concept.items())}
         if has_multi:
             result["multi"] = {**multi.result(list(class_names)), "void_pixels": void_multi}
         for key, (right, pixels) in picks.items():
