@@ -1,7 +1,7 @@
 """Turn a chain of train-shapes runs into the shipped model.
 
-1. choose the layers read by default, and the guidance scale, on the validation seed (never the
-   held-out seed);
+1. choose the layers read by default (best mean of mIoU, shape pick and colour pick of the maps) and the
+   guidance scale (most colours + shapes right) on the validation seed, never the held-out seed;
 2. measure the held-out benchmark (sample quality + every readout);
 3. write config.json (with map_layers and every stage's record), model.safetensors, MODEL_CARD.md and
    loss_curve.png into src/conceptattention/shapes/weights/.
@@ -65,7 +65,7 @@ def main() -> None:
     shipped = ShapesPipeline.from_pretrained()
     report = benchmark.run(shipped, run / "heldout", images=a.images, sample_images=a.images)
     validation = {"seed": benchmark.VALIDATION_SEED, "images": a.validation_images,
-                  "concept_attention_miou_by_layers": layer_scores,
+                  "concept_attention_by_layers": layer_scores,
                   "colour_plus_shape_accuracy_by_guidance": guidance_scores}
     stages = [stage_record(Path(st["run"]), st["command"], st.get("note", ""), st.get("hardware", ""))
               for st in listed]

@@ -398,6 +398,33 @@ def test_per_concept_scores_by_hand():
     assert mixed["miou"] == pytest.approx(pooled.result()["miou"])
 
 
+def test_layer_choice_weighs_both_picks_not_miou_alone(monkeypatch):
+    """The release's layer choice: best mean of mIoU, shape pick and colour pick on the validation seed."""
+    measured = {  # per candidate: (mIoU, shape pick, colour pick) as map_quality would report them
+        (5,): (0.50, 0.52, 0.60),  # best mIoU, but its colour pick collapses: mean 0.540
+        (0, 1): (0.46, 0.55, 0.98),  # mean 0.663
+        (3,): (0.40, 0.50, 0.99),  # mean 0.630
+    }
+    seen = []
+
+    def fake_map_quality(pipe, n, seed, *, readouts, layers, progress):
+        seen.append((tuple(layers), seed, n, tuple(readouts)))
+        miou, shape, colour = measured[tuple(layers)]
+        return {"readouts": {"concept_attention": {"miou": miou, "shape_pick": shape, "color_pick": colour}}}
+
+    monkeypatch.setattr(benchmark, "map_quality", fake_map_quality)
+    chosen, scores = benchmark.choose_layers(None, [[5], [0, 1], [3]], n=7, progress=False)
+    assert chosen == [0, 1]
+    assert scores["0,1"]["score"] == pytest.approx((0.46 + 0.55 + 0.98) / 3)
+    assert scores["5"]["miou"] == 0.50 and scores["5"]["color_pick"] == 0.60
+    assert seen == [((5,), benchmark.VALIDATION_SEED, 7, ("concept_attention",)), ((0, 1), benchmark.VALIDATION_SEED, 7,
+                    ("concept_attention",)), ((3,), benchmark.VALIDATION_SEED, 7, ("concept_attention",))]
+    # a pick that could not be measured (no two-object image of that kind) is left out of the mean
+    assert benchmark.layer_choice_score({"miou": 0.4, "shape_pick": float("nan"), "color_pick": 0.8}) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="at least one candidate"):
+        benchmark.choose_layers(None, [], progress=False)
+
+
 def test_shapes_eval_in_memory_matches_scorer_ground_truth():
     """An oracle method that returns the true masks must score 100%."""
     ds = load_dataset("shapes", images=20)

@@ -245,6 +245,10 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     assert "| 60 | 0.0500 |" in card  # the second stage's last log line, counted from the first stage
     assert "| 70.0% | n/a |" in card  # a report from before the colour pick existed still renders
     assert (weights / "loss_curve.png").is_file()
+    assert "shape pick and colour pick" not in card  # the shipped card's layers were chosen by mIoU alone
+    chosen = {"seed": 1, "concept_attention_by_layers": {"1": {"miou": 0.4, "score": 0.5}}}
+    card = write_card(weights, runs, {"maps": maps, "samples": None}, chosen, "a test machine").read_text()
+    assert "the layers by the mean of the maps' mIoU, shape pick and colour pick" in card
 
 
 def test_budgeted_training_exports_small_shards_that_join_back(tiny_dir, tmp_path):
