@@ -1,7 +1,8 @@
 """Turn a chain of train-shapes runs into the shipped model.
 
 1. choose the layers read by default (best mean of mIoU, shape pick and colour pick of the maps) and the
-   guidance scale (most colours + shapes right) on the validation seed, never the held-out seed;
+   guidance scale, then the sampler's timestep shift (most colours + shapes right) on the validation seed,
+   never the held-out seed;
 2. measure the held-out benchmark (sample quality + every readout);
 3. write config.json (with map_layers and every stage's record), model.safetensors, MODEL_CARD.md and
    loss_curve.png into src/conceptattention/shapes/weights/.
@@ -29,6 +30,7 @@ from conceptattention.shapes.card import stage_record, write_card
 
 LAYER_CANDIDATES = ([0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [2, 3, 4, 5], [3, 4, 5], [2, 3, 4], [4], [5])
 GUIDANCE_CANDIDATES = (2.0, 4.0, 6.0)
+SHIFT_CANDIDATES = (3.0, 6.0)  # tried at the chosen guidance against evenly spaced steps (shift 1)
 
 
 def main() -> None:
@@ -48,25 +50,30 @@ def main() -> None:
 
     pipe = ShapesPipeline.from_pretrained(run / "weights")
     layers, layer_scores = benchmark.choose_layers(pipe, LAYER_CANDIDATES, n=a.validation_images)
-    guidance_scores = {}
-    for g in GUIDANCE_CANDIDATES:
-        r = benchmark.sample_quality(pipe, a.validation_images, benchmark.VALIDATION_SEED, guidance=g)
-        guidance_scores[g] = r["shape_accuracy"] + r["color_accuracy"]
+    def right(guidance: float, shift: float) -> float:  # colours + shapes right on the validation seed
+        r = benchmark.sample_quality(pipe, a.validation_images, benchmark.VALIDATION_SEED, guidance=guidance, shift=shift)
+        return r["shape_accuracy"] + r["color_accuracy"]
+
+    guidance_scores = {g: right(g, 1.0) for g in GUIDANCE_CANDIDATES}
     guidance = max(guidance_scores, key=guidance_scores.get)
-    print("layers", layers, layer_scores, "guidance", guidance, guidance_scores, flush=True)
+    shift_scores = {1.0: guidance_scores[guidance], **{s: right(guidance, s) for s in SHIFT_CANDIDATES}}
+    shift = max(shift_scores, key=shift_scores.get)
+    print("layers", layers, layer_scores, "guidance", guidance, guidance_scores, "shift", shift, shift_scores, flush=True)
 
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "weights" / "model.safetensors", WEIGHTS_DIR / "model.safetensors")
     meta = json.loads((run / "weights" / "config.json").read_text())
     meta["config"]["map_layers"] = layers
     meta["config"]["default_guidance"] = guidance
+    meta["config"]["default_shift"] = shift
     (WEIGHTS_DIR / "config.json").write_text(json.dumps(meta, indent=2))
 
     shipped = ShapesPipeline.from_pretrained()
     report = benchmark.run(shipped, run / "heldout", images=a.images, sample_images=a.images)
     validation = {"seed": benchmark.VALIDATION_SEED, "images": a.validation_images,
                   "concept_attention_by_layers": layer_scores,
-                  "colour_plus_shape_accuracy_by_guidance": guidance_scores}
+                  "colour_plus_shape_accuracy_by_guidance": guidance_scores,
+                  f"colour_plus_shape_accuracy_by_shift_at_guidance_{guidance}": shift_scores}
     stages = [stage_record(Path(st["run"]), st["command"], st.get("note", ""), st.get("hardware", ""))
               for st in listed]
     meta["stages"] = [{k: v for k, v in st.items() if k != "log"} for st in stages]

@@ -213,6 +213,44 @@ def test_cli_generate_encode_and_errors(tiny_dir, tmp_path):
     assert r.exit_code == 2 and "image file not found" in r.output
 
 
+def test_sampler_timestep_shift(tiny_dir, tmp_path):
+    from conceptattention.shapes.model import sampling_times
+
+    assert torch.equal(sampling_times(4), torch.linspace(1.0, 0.0, 5))  # shift 1: evenly spaced, as before
+    # shift s maps u to s u / (1 + (s - 1) u): u = 1/2 -> s / (s + 1), u = 1/4 -> s / (s + 3)
+    assert sampling_times(4, 3.0).tolist() == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
+    for bad, message in (((0, 1.0), "at least 1"), ((4, 0.0), "must be positive"), ((4, float("nan")), "must be positive")):
+        with pytest.raises(ConceptAttentionError, match=message):
+            sampling_times(*bad)
+
+    # the sampler calls the model at exactly those noise levels: given shift, else the model's default
+    pipe = ShapesPipeline.from_pretrained(tiny_dir)
+    seen = []
+
+    def velocity(x_t, t, tokens, pooled):
+        seen.append(sorted(set(t.tolist())))
+        return torch.zeros_like(x_t)
+
+    pipe.model.velocity = velocity
+    pipe.sample(["a red circle"], [0], steps=2, shift=3.0)
+    assert seen == [[1.0], [0.75]]
+    seen.clear()
+    pipe.model.config.default_shift = 7.0
+    pipe.sample(["a red circle"], [0], steps=2)
+    assert seen[1] == [pytest.approx(7 / 8)]
+
+    # the CLI: --shift reaches the sampler and result.json; for a diffusers model it is refused before loading
+    runner = CliRunner()
+    r = runner.invoke(app, ["generate", "a red circle", "--concepts", "circle", "--model", str(tiny_dir), "--steps", "2",
+                            "--shift", "3", "--out", str(tmp_path / "g"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "g" / "result.json").read_text())["shift"] == 3.0
+    r = runner.invoke(app, ["generate", "a dog", "--concepts", "dog", "--model", str(tmp_path / "no-such-flux"),
+                            "--shift", "3", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--shift sets the shapes model's sampler" in r.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     import shutil
 

@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from .errors import ConceptAttentionError
+from .pipelines import is_shapes_model
 from .pipelines.shapes import ShapesPipeline
 
 app = typer.Typer(
@@ -109,6 +110,8 @@ def generate(
     model: str = typer.Option("shapes", help=MODEL_HELP),
     steps: Optional[int] = typer.Option(None, help="denoising steps (default: the model's; shapes 20)"),
     guidance: Optional[float] = typer.Option(None, help="guidance scale (default: the model's)"),
+    shift: Optional[float] = typer.Option(None, help="timestep shift of the shapes model's sampler (default: "
+                                          "the model's; FLUX.1 / SD3 use their scheduler's)"),
     seed: int = typer.Option(0),
     layers: Optional[List[int]] = typer.Option(None, "--layers", help=LAYERS_HELP),
     height: Optional[int] = typer.Option(None, help="image height (FLUX.1 / SD3 only)"),
@@ -130,9 +133,12 @@ def generate(
     """
     try:
         words = _concepts(list(concepts) + list(ctx.args))
+        if shift is not None and not is_shapes_model(model):  # before loading a model of many GB
+            raise ConceptAttentionError("--shift sets the shapes model's sampler; FLUX.1 and SD3 use the shift of "
+                                        "their own scheduler (set it on the diffusers pipeline in Python)")
         pipe = _load(model, device, dtype, offload)
         extra = _real_model_options(pipe, height=height, width=width)
-        extra.update({k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None})
+        extra.update({k: v for k, v in (("steps", steps), ("guidance", guidance), ("shift", shift)) if v is not None})
         if not isinstance(pipe, ShapesPipeline):
             extra["progress"] = not quiet
         result = pipe.generate(prompt, words, seed=seed, layers=layers, **extra)

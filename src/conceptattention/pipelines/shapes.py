@@ -11,7 +11,7 @@ from PIL import Image
 
 from ..core import ConceptAttention, default_layers
 from ..errors import ConceptAttentionError
-from ..shapes.model import IMAGE, ShapesModel, pack, unpack
+from ..shapes.model import IMAGE, ShapesModel, pack, sampling_times, unpack
 from .images import batch_seeds, load_image, noise_samples, sum_word_tokens
 from .result import ConceptResult, result_from_maps, result_from_session, with_raw
 from .result import upsample as _upsample
@@ -71,6 +71,7 @@ class ShapesPipeline:
         *,
         steps: int = 20,
         guidance: float | None = None,
+        shift: float | None = None,
         seed: int = 0,
         layers: Sequence[int] | None = None,
         map_steps: Sequence[int] | None = None,
@@ -84,32 +85,32 @@ class ShapesPipeline:
             raise ConceptAttentionError("steps must be at least 1")
         words, embeds = self._concepts(concepts)
         guidance = self.model.config.default_guidance if guidance is None else guidance
+        shift = self.model.config.default_shift if shift is None else shift
         began = time.perf_counter()
         session = self._session(embeds, layers, with_raw(readouts), calls=map_steps)
         with session:
-            images = self.sample([prompt], [seed], steps=steps, guidance=guidance)
+            images = self.sample([prompt], [seed], steps=steps, guidance=guidance, shift=shift)
         image = to_pil(images[0])
         settings = {"model": self.name, "mode": "generate", "prompt": prompt, "steps": steps, "guidance": guidance,
-                    "seed": seed, "layers": list(session.layers), "map_steps": map_steps,
+                    "shift": shift, "seed": seed, "layers": list(session.layers), "map_steps": map_steps,
                     "readout": readouts[0], "seconds": round(time.perf_counter() - began, 3)}
         return result_from_session(image, session, words, settings, batch_index=-1)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20,
-               guidance: float | None = None) -> torch.Tensor:
+               guidance: float | None = None, shift: float | None = None) -> torch.Tensor:
         """Images ``[N, 3, 64, 64]`` in [0, 1] for prompts, seed i's noise for prompt i (one batched run).
 
-        One transformer call per step on the batch ``[unconditional x N, conditional x N]``.
+        One transformer call per step on the batch ``[unconditional x N, conditional x N]``, at the noise
+        levels of :func:`~conceptattention.shapes.model.sampling_times` (``shift`` None: the model's default).
         """
-        if steps < 1:
-            raise ConceptAttentionError("steps must be at least 1")
         guidance = self.model.config.default_guidance if guidance is None else guidance
+        times = sampling_times(steps, self.model.config.default_shift if shift is None else shift)
         n, tokens_per_image = len(prompts), self.model.grid ** 2
         channels = 3 * self.model.config.patch ** 2
         tokens, pooled = self.model.encode_text([""] * n + list(prompts))
         x = torch.cat([torch.randn(1, tokens_per_image, channels, generator=torch.Generator().manual_seed(int(s)))
                        for s in seeds]).to(self.device)
-        times = torch.linspace(1.0, 0.0, steps + 1)
         for i in range(steps):
             t = torch.full((2 * n,), float(times[i]), device=self.device)
             v_uncond, v_cond = self.model.velocity(torch.cat([x, x]), t, tokens, pooled).chunk(2)

@@ -36,20 +36,21 @@ WORD_KINDS: dict[str, tuple[str, ...]] = {"shape": tuple(world.SHAPES), "colour"
 
 
 def sample_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, steps: int = 20, guidance: float | None = None,
-                   batch: int = 100, progress: bool = True) -> dict:
+                   shift: float | None = None, batch: int = 100, progress: bool = True) -> dict:
     """Generate one image per caption of n scenes and judge them with the analytic scorer."""
     scenes = world.sample_scenes(n, seed)
     captions = world.captions(scenes)
     objects = colors = shapes = exact = 0
     for start in tqdm(range(0, n, batch), desc="samples", disable=not progress):
         idx = list(range(start, min(n, start + batch)))
-        images = pipe.sample([captions[i] for i in idx], idx, steps=steps, guidance=guidance)
+        images = pipe.sample([captions[i] for i in idx], idx, steps=steps, guidance=guidance, shift=shift)
         for j, i in enumerate(idx):
             s = scorer.score(images[j].cpu(), scenes.objects(i))
             objects, colors, shapes, exact = objects + s.objects, colors + s.colors_right, shapes + s.shapes_right, exact + s.exact
-    used = pipe.model.config.default_guidance if guidance is None else guidance
+    config = pipe.model.config
     return {"images": n, "objects": objects, "color_accuracy": colors / objects, "shape_accuracy": shapes / objects,
-            "exact_images": exact / n, "steps": steps, "guidance": used, "seed": seed}
+            "exact_images": exact / n, "steps": steps, "guidance": config.default_guidance if guidance is None else guidance,
+            "shift": config.default_shift if shift is None else shift, "seed": seed}
 
 
 def map_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, readouts: Sequence[str] = tuple(READOUTS),
@@ -103,8 +104,9 @@ def choose_layers(pipe, candidates: Sequence[Sequence[int]], n: int = 200, progr
 def markdown_table(maps: dict, samples: dict | None = None) -> str:
     lines = []
     if samples:
+        shift = f", shift {samples['shift']}" if samples.get("shift", 1.0) != 1.0 else ""  # 1: evenly spaced steps
         lines += ["| samples | images | objects | colours right | shapes right | exact images |", "|---|---|---|---|---|---|",
-                  f"| steps {samples['steps']}, guidance {samples['guidance']} | {samples['images']} | {samples['objects']} | "
+                  f"| steps {samples['steps']}, guidance {samples['guidance']}{shift} | {samples['images']} | {samples['objects']} | "
                   f"{100 * samples['color_accuracy']:.1f}% | {100 * samples['shape_accuracy']:.1f}% | "
                   f"{100 * samples['exact_images']:.1f}% |", ""]
     lines += [f"Maps: {maps['images']} held-out images, layers {maps['layers']}, t = {maps['t']}, "
@@ -128,11 +130,11 @@ def markdown_table(maps: dict, samples: dict | None = None) -> str:
 
 
 def run(pipe, out: Path, images: int = 500, sample_images: int = 500, guidance: float | None = None,
-        progress: bool = True) -> dict:
+        shift: float | None = None, progress: bool = True) -> dict:
     """The full report: sample quality and map quality on the held-out set; JSON and Markdown in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    samples = sample_quality(pipe, sample_images, guidance=guidance, progress=progress) if sample_images else None
+    samples = sample_quality(pipe, sample_images, guidance=guidance, shift=shift, progress=progress) if sample_images else None
     maps = map_quality(pipe, images, progress=progress)
     report = {"samples": samples, "maps": maps}
     (out / "shapes_benchmark.json").write_text(json.dumps(report, indent=2))

@@ -67,8 +67,8 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
     from .model import SAMPLE_T_MIN
 
     cfg, first = meta["config"], stages[0]["train_config"]
-    criteria = (": the layers by the mean of the maps' mIoU, shape pick and colour pick, the guidance by colours"
-                " plus shapes right" if "concept_attention_by_layers" in validation else "")
+    criteria = (": the layers by the mean of the maps' mIoU, shape pick and colour pick, the guidance, then the shift,"
+                " by colours plus shapes right" if "concept_attention_by_layers" in validation else "")
     patch = cfg["patch"]
     target = ("the transformer outputs the velocity" if cfg.get("prediction", "velocity") == "velocity" else
               "the transformer outputs the clean image `x_0` (\"sample\"), turned into the velocity "
@@ -106,8 +106,8 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
 - image "latents": pixels in [-1, 1], {cfg['patch']}x{cfg['patch']} patches -> {(64 // cfg['patch']) ** 2} tokens of {3 * cfg['patch'] ** 2} values{positions};
 - text encoder: vocabulary of {len(cfg['vocab']) - 1} words + padding, {cfg['text_layers']} transformer layers of width
   {cfg['text_dim']}, at most {cfg['max_tokens']} words; pooled vector = mean over real words;
-- maps read from double-stream blocks {cfg.get('map_layers')} by default, guidance {cfg.get('default_guidance')}
-  (both chosen on the validation seed{criteria}).
+- maps read from double-stream blocks {cfg.get('map_layers')} by default, guidance {cfg.get('default_guidance')}, timestep
+  shift {cfg.get('default_shift', 1.0)} (chosen on the validation seed{criteria}).
 
 ## Data and training
 - fresh batches from the shapes world every step (1-3 objects; 3 shapes x 4 colours; gray / grass / sky);

@@ -88,6 +88,8 @@ class ShapesConfig:
     map_layers: tuple[int, ...] | None = None
     #: Classifier-free guidance scale used by default when sampling.
     default_guidance: float = 4.0
+    #: Timestep shift of the sampler by default (:func:`sampling_times`; 1: evenly spaced steps).
+    default_shift: float = 1.0
     #: What the transformer outputs (one of :data:`PREDICTIONS`); weights saved before it existed: velocity.
     prediction: str = "velocity"
     #: RoPE position of a token = its (row, column) on the token grid times this. A model re-patched from
@@ -110,6 +112,20 @@ class ShapesConfig:
             guidance_embeds=False,
             axes_dims_rope=tuple(self.axes_dims_rope),
         )
+
+
+def sampling_times(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """Noise levels ``[steps + 1]`` from 1 down to 0 for an Euler sampler: evenly spaced ``u`` mapped to
+    ``shift * u / (1 + (shift - 1) * u)``, the timestep shift of Flux's and SD3's schedulers. A shift
+    above 1 spends more of the steps at high noise, where the layout is decided."""
+    if steps < 1:
+        raise ConceptAttentionError("steps must be at least 1")
+    if not shift > 0:
+        raise ConceptAttentionError(f"the timestep shift must be positive, not {shift}")
+    if shift == 1.0:
+        return torch.linspace(1.0, 0.0, steps + 1)
+    u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return (shift * u / (1 + (shift - 1) * u)).float()
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
