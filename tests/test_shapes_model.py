@@ -249,6 +249,11 @@ def test_sampler_timestep_shift(tiny_dir, tmp_path):
                             "--shift", "3", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "--shift sets the shapes model's sampler" in r.output
     assert not (tmp_path / "x").exists()
+    r = runner.invoke(app, ["shapes-benchmark", "--model", str(tiny_dir), "--images", "3", "--sample-images", "3",
+                            "--shift", "3", "--out", str(tmp_path / "b"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b" / "shapes_benchmark.json").read_text())["samples"]["shift"] == 3.0
+    assert "| steps 20, guidance 4.0, shift 3.0 | 3 |" in r.output
 
 
 def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):

@@ -267,6 +267,7 @@ def shapes_benchmark(
     images: int = typer.Option(500, help="held-out images for the map metrics"),
     sample_images: int = typer.Option(500, help="held-out captions generated and scored (0: skip)"),
     guidance: Optional[float] = typer.Option(None, help="default: the model's"),
+    shift: Optional[float] = typer.Option(None, help="sampler timestep shift (default: the model's)"),
     device: str = typer.Option("cpu"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -278,7 +279,8 @@ def shapes_benchmark(
         pipe = load_pipeline(model, device=device)
         if not isinstance(pipe, ShapesPipeline):
             raise ConceptAttentionError("shapes-benchmark measures a shapes model; pass 'shapes' or a train-shapes directory")
-        benchmark.run(pipe, out, images=images, sample_images=sample_images, guidance=guidance, progress=not quiet)
+        benchmark.run(pipe, out, images=images, sample_images=sample_images, guidance=guidance, shift=shift,
+                      progress=not quiet)
     except ConceptAttentionError as err:
         _fail(err)
     typer.echo((out / "shapes_benchmark.md").read_text())
