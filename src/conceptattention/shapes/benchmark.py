@@ -19,6 +19,7 @@ and the guidance scale are chosen on a separate validation seed, never on the he
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -83,7 +84,7 @@ LAYER_CHOICE_MEASURES: tuple[str, ...] = ("miou", "shape_pick", "color_pick")
 def layer_choice_score(readout: dict) -> float:
     """Mean of :data:`LAYER_CHOICE_MEASURES` in one readout's map-quality result (a pick rate that could
     not be measured, NaN, is left out)."""
-    values = [float(readout[k]) for k in LAYER_CHOICE_MEASURES if readout[k] == readout[k]]
+    values = [float(readout[k]) for k in LAYER_CHOICE_MEASURES if not math.isnan(readout[k])]
     return sum(values) / len(values) if values else float("nan")
 
 
