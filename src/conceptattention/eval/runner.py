@@ -154,12 +154,12 @@ def summarise(records: list[dict], methods: Sequence[str], class_names: Sequence
         binary, multi = BinarySegmentation(), MultiClassSegmentation(max(1, len(class_names)))
         has_binary = has_multi = False
         picks, void_binary, void_multi = {"pick": [0, 0], "color_pick": [0, 0]}, 0, 0
-        by_concept: dict[str, dict] | None = {}  # None once a record predates per-concept sums
+        by_concept: dict[str, BinarySegmentation] | None = {}  # None once a record predates per-concept sums
         for record in records:
             r = record["methods"][name]
             if "binary" in r:
                 b, has_binary = r["binary"], True
-                binary = binary.merge(BinarySegmentation(b["correct"], b["labelled"], b["inter"], b["union"], b["ap"]))
+                binary = binary.merge(_segmentation(b))
                 void_binary += b["void"]
                 if "by_concept" not in b:
                     by_concept = None

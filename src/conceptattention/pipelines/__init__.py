@@ -8,26 +8,21 @@ from .result import ConceptResult
 __all__ = ["ConceptResult", "is_shapes_model", "load_image", "open_image", "load_pipeline"]
 
 
-def shapes_weights(model: str | None) -> Path | None:
-    """Where ``model`` names a shapes model: its weights directory (None: the built-in one). Raises
-    LookupError for a diffusers model name (hub id or directory)."""
+def _shapes_weights(model: str | None) -> tuple[bool, Path | None]:
+    """(whether ``model`` names a shapes model, its weights directory: None for the built-in one)."""
     if model in ("shapes", "", None):
-        return None
+        return True, None
     local = Path(model)
     if not (local / "model.safetensors").is_file() and (local / "weights" / "model.safetensors").is_file():
         local = local / "weights"
     if (local / "model.safetensors").is_file() and (local / "config.json").is_file():
-        return local
-    raise LookupError(model)
+        return True, local
+    return False, None
 
 
 def is_shapes_model(model: str | None) -> bool:
     """Whether :func:`load_pipeline` would load ``model`` as a shapes model."""
-    try:
-        shapes_weights(model)
-    except LookupError:
-        return False
-    return True
+    return _shapes_weights(model)[0]
 
 
 def load_pipeline(model: str = "shapes", device: str | None = None, torch_dtype=None, offload: str | None = None):
@@ -37,10 +32,11 @@ def load_pipeline(model: str = "shapes", device: str | None = None, torch_dtype=
     shapes model written by ``train-shapes`` (its run directory, holding them in ``weights/``, too); anything else is a diffusers FLUX.1 or SD3/SD3.5 model
     (hub id or local directory).
     """
-    if is_shapes_model(model):
+    shapes, weights = _shapes_weights(model)
+    if shapes:
         from .shapes import ShapesPipeline
 
-        return ShapesPipeline.from_pretrained(shapes_weights(model), device=device or "cpu")
+        return ShapesPipeline.from_pretrained(weights, device=device or "cpu")
     from .mmdit import MMDiTPipeline
 
     return MMDiTPipeline.from_pretrained(model, torch_dtype=torch_dtype, device=device, offload=offload)

@@ -53,6 +53,12 @@ class ShapesPipeline:
             raise ConceptAttentionError("the concept list is empty: pass at least one concept word")
         return words, self.model.encode_concepts(words)
 
+    def sampler_settings(self, guidance: float | None, shift: float | None) -> tuple[float, float]:
+        """(guidance, shift) with None replaced by the model's defaults."""
+        config = self.model.config
+        return (config.default_guidance if guidance is None else guidance,
+                config.default_shift if shift is None else shift)
+
     @property
     def default_layers(self) -> tuple[int, ...]:
         """Blocks read unless told otherwise: the model card's choice, else the core default."""
@@ -84,8 +90,7 @@ class ShapesPipeline:
         if steps < 1:
             raise ConceptAttentionError("steps must be at least 1")
         words, embeds = self._concepts(concepts)
-        guidance = self.model.config.default_guidance if guidance is None else guidance
-        shift = self.model.config.default_shift if shift is None else shift
+        guidance, shift = self.sampler_settings(guidance, shift)
         began = time.perf_counter()
         session = self._session(embeds, layers, with_raw(readouts), calls=map_steps)
         with session:
@@ -104,8 +109,8 @@ class ShapesPipeline:
         One transformer call per step on the batch ``[unconditional x N, conditional x N]``, at the noise
         levels of :func:`~conceptattention.shapes.model.sampling_times` (``shift`` None: the model's default).
         """
-        guidance = self.model.config.default_guidance if guidance is None else guidance
-        times = sampling_times(steps, self.model.config.default_shift if shift is None else shift)
+        guidance, shift = self.sampler_settings(guidance, shift)
+        times = sampling_times(steps, shift)
         n, tokens_per_image = len(prompts), self.model.grid ** 2
         channels = 3 * self.model.config.patch ** 2
         tokens, pooled = self.model.encode_text([""] * n + list(prompts))

@@ -48,10 +48,9 @@ def sample_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, steps: int = 20, g
         for j, i in enumerate(idx):
             s = scorer.score(images[j].cpu(), scenes.objects(i))
             objects, colors, shapes, exact = objects + s.objects, colors + s.colors_right, shapes + s.shapes_right, exact + s.exact
-    config = pipe.model.config
+    guidance, shift = pipe.sampler_settings(guidance, shift)
     return {"images": n, "objects": objects, "color_accuracy": colors / objects, "shape_accuracy": shapes / objects,
-            "exact_images": exact / n, "steps": steps, "guidance": config.default_guidance if guidance is None else guidance,
-            "shift": config.default_shift if shift is None else shift, "seed": seed}
+            "exact_images": exact / n, "steps": steps, "guidance": guidance, "shift": shift, "seed": seed}
 
 
 def map_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, readouts: Sequence[str] = tuple(READOUTS),
