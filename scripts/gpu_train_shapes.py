@@ -116,9 +116,10 @@ def main() -> None:
     p.add_argument("--colorless-rate", type=float, default=0.0, help="share of captions without colour words")
     p.add_argument("--prediction", choices=PREDICTIONS, default="",
                    help="what the transformer outputs (default: the weights' own; velocity from scratch)")
-    for name in ("patch", "layers", "single-layers", "heads", "head-dim"):
+    for name in ("patch", "layers", "single-layers", "heads", "head-dim", "text-layers"):
         p.add_argument(f"--{name}", type=int, default=None,
-                       help="architecture of a run from scratch (--init-from ''); --patch with --init-from re-patches")
+                       help="architecture of a run from scratch (--init-from ''); with --init-from, --patch re-patches "
+                       "and --text-layers 0 drops the text encoder's word mixing")
     p.add_argument("--probe-steps", type=int, default=40, help="steps timed to plan the run (the second half counts)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on the step count the budget allows")
     a = p.parse_args()
@@ -129,17 +130,19 @@ def main() -> None:
         p.error("--export is required when training")
 
     shape = {"patch": a.patch, "layers": a.layers, "single_layers": a.single_layers, "heads": a.heads,
-             "head_dim": a.head_dim}
-    repatch = 0
+             "head_dim": a.head_dim, "text_layers": a.text_layers}
+    repatch, unmix = 0, False
     if a.init_from and a.patch is not None:  # re-patch the init weights (ShapesModel.repatch)
         repatch, shape["patch"] = a.patch, None
+    if a.init_from and a.text_layers == 0:  # drop the init weights' word mixing (ShapesModel.drop_text_mixing)
+        unmix, shape["text_layers"] = True, None
     if a.init_from and any(v is not None for v in shape.values()):
-        p.error("architecture options other than --patch need a run from scratch: add --init-from ''")
+        p.error("architecture options other than --patch and --text-layers 0 need a run from scratch: add --init-from ''")
     model_cfg = architecture(**shape)
     began = time.time()
     cfg = TrainConfig(batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed, init_from=a.init_from,
                       object_weight=a.object_weight, t_uniform=a.t_uniform, prediction=a.prediction, patch=repatch,
-                      colorless_rate=a.colorless_rate,
+                      colorless_rate=a.colorless_rate, drop_text_mixing=unmix,
                       bf16=use_bf16(a.precision, a.device), log_every=50, checkpoint_every=10**9)
     per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, model_cfg, a.device,
                                 max(2, a.probe_steps))

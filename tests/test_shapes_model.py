@@ -267,7 +267,7 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     for i, (steps, init) in enumerate(((40, ""), (20, "shapes"))):
         run = tmp_path / f"run{i}"
         (run / "weights").mkdir(parents=True)
-        meta = {"config": {"prediction": "sample", "patch": 4} if i else {"patch": 8}, "steps": steps, "train_config": {"lr": 0.001 * (i + 1), "init_from": init, "seed": i,
+        meta = {"config": {"prediction": "sample", "patch": 4, "text_layers": 0} if i else {"patch": 8}, "steps": steps, "train_config": {"lr": 0.001 * (i + 1), "init_from": init, "seed": i,
                                                                 "warmup": 5, "object_weight": 1.0 + 3 * i}}
         (run / "weights" / "config.json").write_text(json.dumps(meta))
         (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "seconds": 6.0 * s})
@@ -282,8 +282,8 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     assert "| 1 | scratch | 40 | 0.001 |" in card and "| 2 | stage 1 weights | 20 | 0.002 |" in card
     assert "| a test machine | 4 | `train-shapes --out run0`" in card and "| a GPU | 2 | `train-shapes --out run1`" in card
     assert "`train-shapes --out run1`" in card and "Stage 1: a note" in card and "60 steps in 2 stage(s)" in card
-    # each stage's patch size and what it predicts
-    assert "| 1.0 | 0.0 | 0.0 | 8 | velocity |" in card and "| 4.0 | 0.0 | 0.0 | 4 | sample |" in card
+    # each stage's patch size, text layers (2 for a config from before the option) and what it predicts
+    assert "| 1.0 | 0.0 | 0.0 | 8 | 2 | velocity |" in card and "| 4.0 | 0.0 | 0.0 | 4 | 0 | sample |" in card
     assert "RoPE positions" not in card  # positions are plain token indices (rope_scale 1)
     assert "| 60 | 0.0500 |" in card  # the second stage's last log line, counted from the first stage
     assert "| 70.0% | n/a |" in card  # a report from before the colour pick existed still renders
@@ -454,6 +454,59 @@ def test_cli_repatches_init_weights_and_the_result_generates_maps_on_the_finer_g
     assert r.exit_code == 2 and "size that divides 8, not 3" in r.output
     with pytest.raises(ConceptAttentionError, match="re-patches --init-from weights"):
         train(tmp_path / "scratch", TrainConfig(steps=1, batch=2, patch=4, bf16=False), TINY)
+
+
+def test_drop_text_mixing_makes_each_prompt_token_its_word_plus_its_position(tiny_dir):
+    """Without mixing, a prompt token is norm(embedding + position): it does not depend on the other words, and a
+    concept alone equals the same word at position 0 of a caption; the transformer is untouched."""
+    old = ShapesModel.load(tiny_dir).eval()
+    model = ShapesModel.load(tiny_dir).eval()
+    model.drop_text_mixing()
+    assert model.config.text_layers == 0 and model.text_encoder.config.text_layers == 0
+    assert all(torch.equal(v, model.transformer.state_dict()[k]) for k, v in old.transformer.state_dict().items())
+    enc = old.text_encoder
+    with torch.no_grad():
+        tokens, pooled = model.encode_text(["a red circle", "red"])
+        ids = tokenize(["a red circle"], TINY.max_tokens)[0, :3]
+        expected = torch.nn.functional.layer_norm(enc.embed.weight[ids] + enc.position[:3], (TINY.text_dim,),
+                                                  enc.norm.weight, enc.norm.bias)
+        torch.testing.assert_close(tokens[0, :3], expected)
+        torch.testing.assert_close(pooled[0], expected.mean(0))
+        torch.testing.assert_close(model.encode_concepts(["red"])[0], tokens[1, 0])
+        # with mixing, "red" after "a" differs from "red" alone at the same position (the check is not vacuous)
+        mixed, _ = old.encode_text(["a red", "a blue"])
+        assert not torch.allclose(mixed[0, 0], mixed[1, 0])
+    assert not any(k.startswith("text_encoder.layers.") for k in model.state_dict())
+    with pytest.raises(ConceptAttentionError, match="cannot be negative"):
+        ShapesModel(replace(TINY, text_layers=-1))
+
+
+def test_cli_drops_text_mixing_of_init_weights_and_the_result_reloads_and_generates(tiny_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "u"
+    r = train_briefly(out, "--init-from", str(tiny_dir), "--text-layers", "0")
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "weights" / "config.json").read_text())
+    assert meta["config"]["text_layers"] == 0 and meta["train_config"]["drop_text_mixing"] is True
+    reloaded = ShapesModel.load(out / "weights")  # loads strictly: no mixing weights are expected or present
+    assert isinstance(reloaded.text_encoder.layers, torch.nn.Identity)
+    r = generate_briefly(out, tmp_path / "gen")
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "gen" / "maps.npy").shape == (2, 64, 64)
+    r = train_briefly(out, steps=3)  # resuming keeps the architecture of the checkpoint
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "weights" / "config.json").read_text())["config"]["text_layers"] == 0
+    r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), "--init-from", str(tiny_dir),
+                            "--text-layers", "1", "--quiet"])
+    assert r.exit_code == 2 and "can only be dropped (--text-layers 0)" in r.output
+    assert not (tmp_path / "bad").exists()
+    r = runner.invoke(app, ["train-shapes", "--out", str(out), "--text-layers", "0", "--quiet"])
+    assert r.exit_code == 2 and "keeps its architecture" in r.output
+    # from scratch, --text-layers sets the architecture
+    scratch = tmp_path / "s"
+    r = train_briefly(scratch, "--text-layers", "0", "--layers", "1", "--single-layers", "1", steps=1)
+    assert r.exit_code == 0, r.output
+    assert json.loads((scratch / "weights" / "config.json").read_text())["config"]["text_layers"] == 0
 
 
 def test_cli_trains_with_colorless_captions_and_checks_the_share(tiny_dir, tmp_path):

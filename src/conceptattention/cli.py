@@ -211,6 +211,9 @@ def train_shapes(
     single_layers: Optional[int] = typer.Option(None, help="from scratch: single-stream blocks (default 2)"),
     heads: Optional[int] = typer.Option(None, help="from scratch: attention heads (default 6)"),
     head_dim: Optional[int] = typer.Option(None, help="from scratch: width of a head (default 32)"),
+    text_layers: Optional[int] = typer.Option(
+        None, help="transformer layers of the text encoder (default 2; 0: no word mixing, each prompt token is its "
+        "word plus its position); with --init-from only 0, which drops those weights' mixing layers"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train the shapes model from scratch, or resume OUT/checkpoint.pt. Ctrl-C checkpoints and stops."""
@@ -232,10 +235,17 @@ def train_shapes(
     for name, value in (("--t-uniform", t_uniform), ("--colorless-rate", colorless_rate)):
         if value is not None and not 0.0 <= value <= 1.0:
             _fail(ConceptAttentionError(f"{name} is a share of the batch, between 0 and 1, not {value}"))
-    shape = {"patch": patch, "layers": layers, "single_layers": single_layers, "heads": heads, "head_dim": head_dim}
+    shape = {"patch": patch, "layers": layers, "single_layers": single_layers, "heads": heads, "head_dim": head_dim,
+             "text_layers": text_layers}
     resuming = (Path(out) / "checkpoint.pt").is_file()
     if cfg.init_from and not resuming and patch is not None:  # re-patch the weights, not a new architecture
         cfg, shape["patch"] = replace(cfg, patch=patch), None
+    if cfg.init_from and not resuming and text_layers is not None:  # drop the weights' mixing layers
+        if text_layers != 0:
+            _fail(ConceptAttentionError(
+                f"--text-layers {text_layers} cannot be given to --init-from weights: their text encoder's layers can "
+                "only be dropped (--text-layers 0); a new layer count needs a model from scratch"))
+        cfg, shape["text_layers"] = replace(cfg, drop_text_mixing=True), None
     given = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is not None]
     if prediction is not None and resuming:
         _fail(ConceptAttentionError(
@@ -246,7 +256,7 @@ def train_shapes(
         _fail(ConceptAttentionError(
             f"{', '.join(given)} set the architecture of a model trained from scratch; a run that resumes a checkpoint "
             "keeps its architecture, and one that starts from --init-from keeps that of its weights (only --patch may "
-            "re-patch them; drop the option or use a new --out)"))
+            "re-patch them and --text-layers 0 drop their word mixing; drop the option or use a new --out)"))
     try:
         from .shapes.model import architecture
 

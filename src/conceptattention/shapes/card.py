@@ -46,6 +46,7 @@ def stage_record(run: Path, command: str, note: str = "", hardware: str = "") ->
     return {"train_config": meta.get("train_config", {}), "steps": meta.get("steps"), "minutes": training_minutes(log),
             "prediction": meta.get("config", {}).get("prediction", "velocity"),
             "patch": meta.get("config", {}).get("patch"),
+            "text_layers": meta.get("config", {}).get("text_layers", 2),
             "log": log, "command": command, "note": note, "hardware": hardware}
 
 
@@ -86,13 +87,15 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
         f"{s['train_config'].get('warmup')} | {s['train_config'].get('seed')} | {s['train_config'].get('batch')} | "
         f"{s['train_config'].get('object_weight', 1.0)} | {s['train_config'].get('t_uniform', 0.0)} | "
         f"{s['train_config'].get('colorless_rate', 0.0)} | "
-        f"{s.get('patch') or '?'} | {s.get('prediction', 'velocity')} | "
+        f"{s.get('patch') or '?'} | {s.get('text_layers', 2)} | {s.get('prediction', 'velocity')} | "
         f"{_precision(s['train_config'])} | {s.get('hardware') or hardware} | {s['minutes']:.0f} | `{s['command']}` |"
         for i, s in enumerate(stages))
     notes = " ".join(f"Stage {i + 1}: {s['note']}" for i, s in enumerate(stages) if s["note"])
     total = sum(s["steps"] for s in stages)
     weighted_note = ("\nA stage with an object weight logs the weighted mean loss, on a different scale from the others.\n"
                      if any(s["train_config"].get("object_weight", 1.0) != 1.0 for s in stages) else "")
+    text_layers = (f"{cfg['text_layers']} transformer layers" if cfg.get("text_layers", 2) else
+                   "no mixing layers (a prompt token is its word's embedding plus its position, normalised)")
     text = f"""# The shapes model
 
 A diffusers `FluxTransformer2DModel` and a word-level text encoder, trained by this project on the
@@ -104,7 +107,7 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
   {cfg['num_attention_heads'] * cfg['attention_head_dim']} = {cfg['num_attention_heads']} heads x {cfg['attention_head_dim']},
   RoPE axes {cfg['axes_dims_rope']}, no guidance embedding;
 - image "latents": pixels in [-1, 1], {cfg['patch']}x{cfg['patch']} patches -> {(64 // cfg['patch']) ** 2} tokens of {3 * cfg['patch'] ** 2} values{positions};
-- text encoder: vocabulary of {len(cfg['vocab']) - 1} words + padding, {cfg['text_layers']} transformer layers of width
+- text encoder: vocabulary of {len(cfg['vocab']) - 1} words + padding, {text_layers} of width
   {cfg['text_dim']}, at most {cfg['max_tokens']} words; pooled vector = mean over real words;
 - maps read from double-stream blocks {cfg.get('map_layers')} by default, guidance {cfg.get('default_guidance')}, timestep
   shift {cfg.get('default_shift', 1.0)} (chosen on the validation seed{criteria}).
@@ -124,8 +127,8 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
   Each stage is reproduced by its command (a stage starting from weights reads the previous stage's
   exported `weights/`); every run resumes from `DIR/checkpoint.pt`. {notes}
 
-| stage | starts from | steps | peak lr | warm-up | seed | batch | object weight | uniform t | no-colour captions | patch | predicts | precision | hardware | minutes | command |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| stage | starts from | steps | peak lr | warm-up | seed | batch | object weight | uniform t | no-colour captions | patch | text layers | predicts | precision | hardware | minutes | command |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {stage_rows}
 
 | step (all stages) | loss |

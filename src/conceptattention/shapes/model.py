@@ -12,7 +12,8 @@ a far smaller set and passes through it (Li & He 2025, "Back to Basics: Let Deno
 Denoise"). The ConceptAttention code path does not depend on the choice: it reads the attention inside.
 
 The text encoder maps each word of a fixed vocabulary to a learned vector, adds a learned position
-and runs two small transformer layers; its outputs are the prompt tokens (``joint_attention_dim``)
+and runs ``text_layers`` small transformer layers (two by default; none in a model whose mixing was
+dropped, :meth:`ShapesModel.drop_text_mixing`); its outputs are the prompt tokens (``joint_attention_dim``)
 and their mean over real words is the pooled vector. There is no start token, so a word encoded
 alone sits at position 0 and its first output is its concept embedding, as with T5 in the paper.
 """
@@ -138,12 +139,14 @@ def rope_axes(head_dim: int) -> tuple[int, int, int]:
 
 
 def architecture(patch: int | None = None, layers: int | None = None, single_layers: int | None = None,
-                 heads: int | None = None, head_dim: int | None = None) -> ShapesConfig:
+                 heads: int | None = None, head_dim: int | None = None, text_layers: int | None = None) -> ShapesConfig:
     """A :class:`ShapesConfig` with some architecture fields changed (None keeps the default)."""
     base = ShapesConfig()
     if patch is not None and (patch < 1 or IMAGE % patch):
         raise ConceptAttentionError(f"the patch size must divide {IMAGE}, not {patch}")
     head_dim = base.attention_head_dim if head_dim is None else head_dim
+    if text_layers is not None and text_layers < 0:
+        raise ConceptAttentionError(f"the text encoder's layer count cannot be negative, not {text_layers}")
     return ShapesConfig(
         patch=base.patch if patch is None else patch,
         num_layers=base.num_layers if layers is None else layers,
@@ -151,6 +154,7 @@ def architecture(patch: int | None = None, layers: int | None = None, single_lay
         num_attention_heads=base.num_attention_heads if heads is None else heads,
         attention_head_dim=head_dim,
         axes_dims_rope=rope_axes(head_dim),
+        text_layers=base.text_layers if text_layers is None else text_layers,
     )
 
 
@@ -163,11 +167,16 @@ class ShapesTextEncoder(nn.Module):
         self.embed = nn.Embedding(len(config.vocab), config.text_dim)
         self.position = nn.Parameter(torch.zeros(config.max_tokens, config.text_dim))
         nn.init.normal_(self.position, std=0.02)
-        layer = nn.TransformerEncoderLayer(
-            config.text_dim, config.text_heads, dim_feedforward=2 * config.text_dim,
-            dropout=0.0, batch_first=True, norm_first=True,
-        )
-        self.layers = nn.TransformerEncoder(layer, config.text_layers, enable_nested_tensor=False)
+        if config.text_layers < 0:
+            raise ConceptAttentionError(f"the text encoder's layer count cannot be negative, not {config.text_layers}")
+        if config.text_layers == 0:  # no word mixing: a prompt token is its word's embedding plus its position
+            self.layers: nn.Module = nn.Identity()
+        else:
+            layer = nn.TransformerEncoderLayer(
+                config.text_dim, config.text_heads, dim_feedforward=2 * config.text_dim,
+                dropout=0.0, batch_first=True, norm_first=True,
+            )
+            self.layers = nn.TransformerEncoder(layer, config.text_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.text_dim)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,6 +311,18 @@ class ShapesModel(nn.Module):
         new.train(self.transformer.training)
         self.transformer, self.config = new, config
         self.text_encoder.config = config
+
+    def drop_text_mixing(self) -> None:
+        """Remove the text encoder's transformer layers (``text_layers`` becomes 0), keeping its word and
+        position embeddings and final norm: each prompt token is then its own word plus its position, so a
+        concept encoded alone differs from the same word inside a caption only by its position. Fine-tuning
+        then teaches the transformer to do the mixing it needs itself. A model without mixing is left as it is."""
+        if self.config.text_layers == 0:
+            return
+        config = ShapesConfig(**{**asdict(self.config), "text_layers": 0})
+        self.text_encoder.layers = nn.Identity()
+        self.text_encoder.config = config
+        self.config = config
 
     # ----- weights -------------------------------------------------------------------------------
     def save(self, directory: Path, dtype: torch.dtype = torch.bfloat16, extra: dict | None = None) -> None:

@@ -49,6 +49,7 @@ class TrainConfig:
     object_weight: float = 1.0  # loss weight of pixels on or within 2 px of an object (background: 1)
     prediction: str = ""  # "velocity" or "sample": what the transformer outputs ("": keep the weights' own)
     patch: int = 0  # with init_from: re-patch those weights to this patch size (ShapesModel.repatch; 0: keep)
+    drop_text_mixing: bool = False  # remove the text encoder's layers before training (ShapesModel.drop_text_mixing)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -162,6 +163,9 @@ def train(
                                         "its patch size from its architecture")
         model.repatch(cfg.patch)
         model_cfg = model.config
+    if state is None and cfg.drop_text_mixing:
+        model.drop_text_mixing()
+        model_cfg = model.config
     if state is None and cfg.prediction:
         model.predict_as(cfg.prediction)
         model_cfg = model.config
@@ -248,6 +252,7 @@ def main() -> None:
     p.add_argument("--prediction", choices=PREDICTIONS, default="")
     p.add_argument("--patch", type=int, default=0, help="with --init-from: re-patch those weights to this size")
     p.add_argument("--colorless-rate", type=float, default=TrainConfig.colorless_rate)
+    p.add_argument("--drop-text-mixing", action="store_true", help="remove the text encoder's transformer layers")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -259,7 +264,8 @@ def main() -> None:
     bf16 = use_bf16(a.precision, a.device)
     cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, warmup=a.warmup, init_from=a.init_from,
                       object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=bf16,
-                      prediction=a.prediction, patch=a.patch, colorless_rate=a.colorless_rate)
+                      prediction=a.prediction, patch=a.patch, colorless_rate=a.colorless_rate,
+                      drop_text_mixing=a.drop_text_mixing)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 
 
