@@ -18,8 +18,6 @@ import argparse
 import time
 
 import torch
-from torch import nn
-
 from conceptattention.pipelines.shapes import ShapesPipeline
 from conceptattention.shapes import benchmark
 from conceptattention.shapes.train import TrainConfig, batch_loss, init_model
@@ -27,7 +25,7 @@ from conceptattention.shapes.train import TrainConfig, batch_loss, init_model
 
 def cut_routes(model) -> None:
     """Bypass the text encoder's word mixing and zero the pooled vector, in place."""
-    model.text_encoder.layers = nn.Identity()
+    model.drop_text_mixing()
     encode = model.encode_text
 
     def unpooled(texts):
