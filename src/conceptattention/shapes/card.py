@@ -107,8 +107,8 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
   {cfg['num_attention_heads'] * cfg['attention_head_dim']} = {cfg['num_attention_heads']} heads x {cfg['attention_head_dim']},
   RoPE axes {cfg['axes_dims_rope']}, no guidance embedding;
 - image "latents": pixels in [-1, 1], {cfg['patch']}x{cfg['patch']} patches -> {(64 // cfg['patch']) ** 2} tokens of {3 * cfg['patch'] ** 2} values{positions};
-- text encoder: vocabulary of {len(cfg['vocab']) - 1} words + padding, {text_layers} of width
-  {cfg['text_dim']}, at most {cfg['max_tokens']} words; pooled vector = mean over real words;
+- text encoder: vocabulary of {len(cfg['vocab']) - 1} words + padding, width {cfg['text_dim']}, {text_layers};
+  at most {cfg['max_tokens']} words; pooled vector = mean over real words;
 - maps read from double-stream blocks {cfg.get('map_layers')} by default, guidance {cfg.get('default_guidance')}, timestep
   shift {cfg.get('default_shift', 1.0)} (chosen on the validation seed{criteria}).
 
