@@ -477,8 +477,8 @@ def test_drop_text_mixing_makes_each_prompt_token_its_word_plus_its_position(tin
         mixed, _ = old.encode_text(["a red", "a blue"])
         assert not torch.allclose(mixed[0, 0], mixed[1, 0])
     assert not any(k.startswith("text_encoder.layers.") for k in model.state_dict())
-    with pytest.raises(ConceptAttentionError, match="cannot be negative"):
-        ShapesModel(replace(TINY, text_layers=-1))
+    with pytest.raises(ConceptAttentionError, match="cannot be negative, not -1"):
+        replace(TINY, text_layers=-1)
 
 
 def test_cli_drops_text_mixing_of_init_weights_and_the_result_reloads_and_generates(tiny_dir, tmp_path):

@@ -99,6 +99,8 @@ class ShapesConfig:
 
     def __post_init__(self) -> None:
         check_prediction(self.prediction)
+        if self.text_layers < 0:
+            raise ConceptAttentionError(f"the text encoder's layer count cannot be negative, not {self.text_layers}")
 
     def transformer_kwargs(self) -> dict:
         return dict(
@@ -145,8 +147,6 @@ def architecture(patch: int | None = None, layers: int | None = None, single_lay
     if patch is not None and (patch < 1 or IMAGE % patch):
         raise ConceptAttentionError(f"the patch size must divide {IMAGE}, not {patch}")
     head_dim = base.attention_head_dim if head_dim is None else head_dim
-    if text_layers is not None and text_layers < 0:
-        raise ConceptAttentionError(f"the text encoder's layer count cannot be negative, not {text_layers}")
     return ShapesConfig(
         patch=base.patch if patch is None else patch,
         num_layers=base.num_layers if layers is None else layers,
@@ -167,8 +167,6 @@ class ShapesTextEncoder(nn.Module):
         self.embed = nn.Embedding(len(config.vocab), config.text_dim)
         self.position = nn.Parameter(torch.zeros(config.max_tokens, config.text_dim))
         nn.init.normal_(self.position, std=0.02)
-        if config.text_layers < 0:
-            raise ConceptAttentionError(f"the text encoder's layer count cannot be negative, not {config.text_layers}")
         if config.text_layers == 0:  # no word mixing: a prompt token is its word's embedding plus its position
             self.layers: nn.Module = nn.Identity()
         else:
