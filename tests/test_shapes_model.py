@@ -28,6 +28,11 @@ def train_briefly(out: Path, *options: str, steps: int = 2):
                                     "--precision", "fp32", "--quiet"])
 
 
+def run_meta(run: Path) -> dict:
+    """The metadata a train-shapes run exports next to its weights (config, steps, train_config)."""
+    return json.loads((run / "weights" / "config.json").read_text())
+
+
 def generate_briefly(model: Path, out: Path):
     """``generate`` of one short caption in two steps with ``model`` (the CLI result)."""
     return CliRunner().invoke(app, ["generate", "a red circle", "--concepts", "circle", "red", "--model", str(model),
@@ -315,7 +320,7 @@ def test_budgeted_training_exports_small_shards_that_join_back(tiny_dir, tmp_pat
     finally:
         sys.argv = old_argv
     summary = json.loads((export / "summary.json").read_text())
-    steps = json.loads((run / "weights" / "config.json").read_text())["steps"]
+    steps = run_meta(run)["steps"]
     assert summary["steps_done"] == steps == summary["planned_steps"] == 3
     shards = sorted(export.glob("model-*.safetensors"))
     assert len(shards) == summary["shards"] > 1
@@ -338,7 +343,7 @@ def test_cli_trains_a_new_architecture_from_scratch_and_it_runs_end_to_end(tmp_p
                             "--layers", "2", "--single-layers", "1", "--heads", "2", "--head-dim", "16", "--precision", "fp32",
                             "--quiet"])
     assert r.exit_code == 0, r.output
-    config = json.loads((out / "weights" / "config.json").read_text())["config"]
+    config = run_meta(out)["config"]
     assert (config["patch"], config["num_layers"], config["num_attention_heads"], config["attention_head_dim"]) == (4, 2, 2, 16)
     r = generate_briefly(out / "weights", tmp_path / "gen")
     assert r.exit_code == 0, r.output
@@ -391,7 +396,7 @@ def test_cli_fine_tunes_into_sample_prediction_and_refuses_it_on_resume(tiny_dir
     out = tmp_path / "x"
     r = train_briefly(out, "--init-from", str(tiny_dir), "--prediction", "sample")
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "weights" / "config.json").read_text())["config"]["prediction"] == "sample"
+    assert run_meta(out)["config"]["prediction"] == "sample"
     r = generate_briefly(out / "weights", tmp_path / "gen")
     assert r.exit_code == 0, r.output
     assert np.isfinite(np.load(tmp_path / "gen" / "maps.npy")).all()
@@ -438,7 +443,7 @@ def test_cli_repatches_init_weights_and_the_result_generates_maps_on_the_finer_g
     out = tmp_path / "r"
     r = train_briefly(out, "--init-from", str(tiny_dir), "--patch", "4")
     assert r.exit_code == 0, r.output
-    meta = json.loads((out / "weights" / "config.json").read_text())
+    meta = run_meta(out)
     assert (meta["config"]["patch"], meta["config"]["rope_scale"], meta["train_config"]["patch"]) == (4, 0.5, 4)
     # a run directory is a model too (its weights/ are read); maps come on the 16x16 token grid
     r = generate_briefly(out, tmp_path / "gen")
@@ -448,7 +453,7 @@ def test_cli_repatches_init_weights_and_the_result_generates_maps_on_the_finer_g
     # resuming it keeps the new patch size; a size that does not divide the weights' is one clear error
     r = train_briefly(out, steps=3)
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "weights" / "config.json").read_text())["config"]["patch"] == 4
+    assert run_meta(out)["config"]["patch"] == 4
     r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), "--init-from", str(tiny_dir), "--patch", "3",
                             "--quiet"])
     assert r.exit_code == 2 and "size that divides 8, not 3" in r.output
@@ -486,7 +491,7 @@ def test_cli_drops_text_mixing_of_init_weights_and_the_result_reloads_and_genera
     out = tmp_path / "u"
     r = train_briefly(out, "--init-from", str(tiny_dir), "--text-layers", "0")
     assert r.exit_code == 0, r.output
-    meta = json.loads((out / "weights" / "config.json").read_text())
+    meta = run_meta(out)
     assert meta["config"]["text_layers"] == 0 and meta["train_config"]["drop_text_mixing"] is True
     reloaded = ShapesModel.load(out / "weights")  # loads strictly: no mixing weights are expected or present
     assert isinstance(reloaded.text_encoder.layers, torch.nn.Identity)
@@ -495,7 +500,7 @@ def test_cli_drops_text_mixing_of_init_weights_and_the_result_reloads_and_genera
     assert np.load(tmp_path / "gen" / "maps.npy").shape == (2, 64, 64)
     r = train_briefly(out, steps=3)  # resuming keeps the architecture of the checkpoint
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "weights" / "config.json").read_text())["config"]["text_layers"] == 0
+    assert run_meta(out)["config"]["text_layers"] == 0
     r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), "--init-from", str(tiny_dir),
                             "--text-layers", "1", "--quiet"])
     assert r.exit_code == 2 and "can only be dropped (--text-layers 0)" in r.output
@@ -506,7 +511,7 @@ def test_cli_drops_text_mixing_of_init_weights_and_the_result_reloads_and_genera
     scratch = tmp_path / "s"
     r = train_briefly(scratch, "--text-layers", "0", "--layers", "1", "--single-layers", "1", steps=1)
     assert r.exit_code == 0, r.output
-    assert json.loads((scratch / "weights" / "config.json").read_text())["config"]["text_layers"] == 0
+    assert run_meta(scratch)["config"]["text_layers"] == 0
 
 
 def test_cli_trains_with_colorless_captions_and_checks_the_share(tiny_dir, tmp_path):
@@ -514,7 +519,7 @@ def test_cli_trains_with_colorless_captions_and_checks_the_share(tiny_dir, tmp_p
     out = tmp_path / "c"
     r = train_briefly(out, "--init-from", str(tiny_dir), "--colorless-rate", "0.5", steps=1)
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "weights" / "config.json").read_text())["train_config"]["colorless_rate"] == 0.5
+    assert run_meta(out)["train_config"]["colorless_rate"] == 0.5
     for flag in ("--colorless-rate", "--t-uniform"):
         r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), flag, "1.5", "--quiet"])
         assert r.exit_code == 2 and f"{flag} is a share of the batch, between 0 and 1, not 1.5" in r.output
