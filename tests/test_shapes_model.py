@@ -257,7 +257,15 @@ def test_sampler_timestep_shift(tiny_dir, tmp_path):
     r = runner.invoke(app, ["shapes-benchmark", "--model", str(tiny_dir), "--images", "3", "--sample-images", "3",
                             "--shift", "3", "--out", str(tmp_path / "b"), "--quiet"])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "b" / "shapes_benchmark.json").read_text())["samples"]["shift"] == 3.0
+    samples = json.loads((tmp_path / "b" / "shapes_benchmark.json").read_text())["samples"]
+    assert samples["shift"] == 3.0
+    # the breakdowns partition the objects: by count in the caption, and each wrong shape has one reason
+    groups = samples["by_objects"].values()
+    assert sum(g["images"] for g in groups) == 3 and sum(g["objects"] for g in groups) == samples["objects"]
+    right = sum(g["shapes_right"] for g in groups)
+    assert right == round(samples["shape_accuracy"] * samples["objects"])
+    assert sum(samples["shape_errors"].values()) == samples["objects"] - right
+    assert "Shapes right by objects in the caption: " in r.output
     assert "| steps 20, guidance 4.0, shift 3.0 | 3 |" in r.output
 
 

@@ -143,6 +143,40 @@ def test_scorer_catches_wrong_shapes_and_colours():
         assert scorer.score(images[i], [(other_color, shape)]).colors_right == 0
 
 
+
+def test_scorer_says_why_each_wrong_shape_failed():
+    D = scorer.Detected
+    red_circle, blue_square = ("red", "circle"), ("blue", "square")
+    # the two shape words bound to the wrong colours: each object borrowed the other's shape
+    found = [D("red", "square", 300), D("blue", "circle", 200)]
+    assert scorer.shape_errors(found, [red_circle, blue_square]) == ["borrowed", "borrowed"]
+    # one object right, the other drawn as a shape nobody asked for, a blob, or not at all
+    assert scorer.shape_errors([D("red", "circle", 300), D("blue", "triangle", 200)], [red_circle, blue_square]) == ["other_shape"]
+    assert scorer.shape_errors([D("red", "circle", 300), D("blue", "blob", 200)], [red_circle, blue_square]) == ["blob"]
+    assert scorer.shape_errors([D("red", "circle", 300)], [red_circle, blue_square]) == ["missing"]
+    # two red objects asked for: the right one is taken first, the spare region explains the other
+    assert scorer.shape_errors([D("red", "circle", 300), D("red", "circle", 250), D("blue", "square", 200)],
+                               [red_circle, ("red", "square"), blue_square]) == ["borrowed"]
+    assert scorer.shape_errors(found[::-1], [("red", "square"), ("blue", "circle")]) == []
+
+
+def test_scores_of_rendered_two_object_images_count_borrowed_shapes():
+    s = world.sample_scenes(200, seed=5, max_objects=2)
+    images, _ = world.render(s)
+    checked = 0
+    for i in range(len(s)):
+        objs = s.objects(i)
+        if len(objs) != 2 or objs[0][0] == objs[1][0] or objs[0][1] == objs[1][1]:
+            continue
+        (c1, s1), (c2, s2) = objs
+        right = scorer.score(images[i], objs)
+        assert right.shapes_right == 2 and right.errors == ()
+        crossed = scorer.score(images[i], [(c1, s2), (c2, s1)])  # the caption with the shapes exchanged
+        assert crossed.colors_right == 2 and crossed.shapes_right == 0 and crossed.errors == ("borrowed", "borrowed")
+        checked += 1
+    assert checked >= 10
+
+
 def _ragged(mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """A hand-drawn-looking copy of ``mask``: outline pixels (1 px either side) flipped at random, and
     a few one-pixel specks punched inside."""

@@ -42,15 +42,23 @@ def sample_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, steps: int = 20, g
     scenes = world.sample_scenes(n, seed)
     captions = world.captions(scenes)
     objects = colors = shapes = exact = 0
+    by_objects: dict[str, dict[str, int]] = {}  # per count of objects in the caption
+    errors = dict.fromkeys(scorer.ERROR_KINDS, 0)
     for start in tqdm(range(0, n, batch), desc="samples", disable=not progress):
         idx = list(range(start, min(n, start + batch)))
         images = pipe.sample([captions[i] for i in idx], idx, steps=steps, guidance=guidance, shift=shift)
         for j, i in enumerate(idx):
             s = scorer.score(images[j].cpu(), scenes.objects(i))
             objects, colors, shapes, exact = objects + s.objects, colors + s.colors_right, shapes + s.shapes_right, exact + s.exact
+            group = by_objects.setdefault(str(s.objects), {"images": 0, "objects": 0, "shapes_right": 0})
+            group["images"], group["objects"], group["shapes_right"] = (
+                group["images"] + 1, group["objects"] + s.objects, group["shapes_right"] + s.shapes_right)
+            for kind in s.errors:
+                errors[kind] += 1
     guidance, shift = pipe.sampler_settings(guidance, shift)
     return {"images": n, "objects": objects, "color_accuracy": colors / objects, "shape_accuracy": shapes / objects,
-            "exact_images": exact / n, "steps": steps, "guidance": guidance, "shift": shift, "seed": seed}
+            "exact_images": exact / n, "steps": steps, "guidance": guidance, "shift": shift, "seed": seed,
+            "by_objects": dict(sorted(by_objects.items())), "shape_errors": errors}
 
 
 def map_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, readouts: Sequence[str] = tuple(READOUTS),
@@ -109,6 +117,12 @@ def markdown_table(maps: dict, samples: dict | None = None) -> str:
                   f"| steps {samples['steps']}, guidance {samples['guidance']}{shift} | {samples['images']} | {samples['objects']} | "
                   f"{100 * samples['color_accuracy']:.1f}% | {100 * samples['shape_accuracy']:.1f}% | "
                   f"{100 * samples['exact_images']:.1f}% |", ""]
+        if "by_objects" in samples:  # reports written before the breakdown existed have none
+            counts = "; ".join(f"{k} object{'s' if k != '1' else ''}: {100 * g['shapes_right'] / g['objects']:.1f}% "
+                               f"of {g['objects']}" for k, g in samples["by_objects"].items())
+            kinds = ", ".join(f"{kind.replace('_', ' ')} {n}" for kind, n in samples["shape_errors"].items())
+            lines += [f"Shapes right by objects in the caption: {counts}. Objects drawn with a wrong shape, by what was "
+                      f"drawn instead: {kinds} (borrowed: the shape the caption gives another object).", ""]
     lines += [f"Maps: {maps['images']} held-out images, layers {maps['layers']}, t = {maps['t']}, "
               f"{maps['samples']} noise samples, concepts {', '.join(maps['concepts'])}.", "",
               "| readout | pixel acc | mIoU | paper-compatible mIoU | mAP | shape pick (2 objects) | colour pick (2 objects) |",

@@ -112,12 +112,41 @@ def detect(image: torch.Tensor) -> list[Detected]:
     return sorted(found, key=lambda d: -d.area)
 
 
+# why an asked-for object's shape is not right (see ``shape_errors``)
+ERROR_KINDS = ("borrowed", "other_shape", "blob", "missing")
+
+
 @dataclass
 class Score:
     objects: int  # objects the caption asks for
     colors_right: int  # of them, how many have a region of their colour
     shapes_right: int  # of them, how many have a region of their colour and shape
     exact: bool  # the image shows exactly the captioned objects
+    errors: tuple[str, ...] = ()  # one ERROR_KINDS entry per object whose shape is not right
+
+
+def shape_errors(found: list[Detected], wanted: list[tuple[str, str]]) -> list[str]:
+    """Why each asked-for object without a right region failed, one kind per such object.
+
+    Regions of its colour left over after the right ones are taken (largest first) are the object's
+    drawing: none left is ``"missing"``; a region fitting no shape is ``"blob"``; a shape the caption
+    gives to another object is ``"borrowed"`` (a shape word bound to the wrong object);
+    any other shape is ``"other_shape"``.
+    """
+    kinds, asked = [], {sh for _, sh in wanted}  # a wrong drawn shape that was asked for is another object's
+    for color in dict.fromkeys(c for c, _ in wanted):
+        leftovers = [d.shape for d in found if d.color == color]  # largest first
+        unmatched = 0
+        for _, sh in (p for p in wanted if p[0] == color):
+            if sh in leftovers:
+                leftovers.remove(sh)  # a right region: this object is drawn
+            else:
+                unmatched += 1
+        for k in range(unmatched):
+            drawn = leftovers[k] if k < len(leftovers) else None
+            kinds.append("missing" if drawn is None else "blob" if drawn == "blob" else
+                         "borrowed" if drawn in asked else "other_shape")
+    return kinds
 
 
 def score(image: torch.Tensor, wanted: list[tuple[str, str]]) -> Score:
@@ -129,5 +158,4 @@ def score(image: torch.Tensor, wanted: list[tuple[str, str]]) -> Score:
     want_pairs = Counter(wanted)
     colors_right = sum(min(n, have_colors[c]) for c, n in want_colors.items())
     shapes_right = sum(min(n, have_pairs[p]) for p, n in want_pairs.items())
-    return Score(len(wanted), colors_right, shapes_right, have_pairs == want_pairs)
-
+    return Score(len(wanted), colors_right, shapes_right, have_pairs == want_pairs, tuple(shape_errors(found, wanted)))
