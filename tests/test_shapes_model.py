@@ -281,7 +281,8 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
         run = tmp_path / f"run{i}"
         (run / "weights").mkdir(parents=True)
         meta = {"config": {"prediction": "sample", "patch": 4, "text_layers": 0} if i else {"patch": 8}, "steps": steps, "train_config": {"lr": 0.001 * (i + 1), "init_from": init, "seed": i,
-                                                                "warmup": 5, "object_weight": 1.0 + 3 * i}}
+                                                                "warmup": 5, "object_weight": 1.0 + 3 * i,
+                                                                **({"multi_object_rate": 0.5} if i else {})}}
         (run / "weights" / "config.json").write_text(json.dumps(meta))
         (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "seconds": 6.0 * s})
                                                   for s in range(10, steps + 1, 10)))
@@ -296,7 +297,7 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     assert "| a test machine | 4 | `train-shapes --out run0`" in card and "| a GPU | 2 | `train-shapes --out run1`" in card
     assert "`train-shapes --out run1`" in card and "Stage 1: a note" in card and "60 steps in 2 stage(s)" in card
     # each stage's patch size, text layers (2 for a config from before the option) and what it predicts
-    assert "| 1.0 | 0.0 | 0.0 | 8 | 2 | velocity |" in card and "| 4.0 | 0.0 | 0.0 | 4 | 0 | sample |" in card
+    assert "| 1.0 | 0.0 | 0.0 | 0.0 | 8 | 2 | velocity |" in card and "| 4.0 | 0.0 | 0.0 | 0.5 | 4 | 0 | sample |" in card
     assert "RoPE positions" not in card  # positions are plain token indices (rope_scale 1)
     assert "| 60 | 0.0500 |" in card  # the second stage's last log line, counted from the first stage
     assert "| 70.0% | n/a |" in card  # a report from before the colour pick existed still renders
@@ -522,13 +523,16 @@ def test_cli_drops_text_mixing_of_init_weights_and_the_result_reloads_and_genera
     assert run_meta(scratch)["config"]["text_layers"] == 0
 
 
-def test_cli_trains_with_colorless_captions_and_checks_the_share(tiny_dir, tmp_path):
+def test_cli_trains_with_colorless_captions_or_more_objects_and_checks_the_shares(tiny_dir, tmp_path):
     runner = CliRunner()
     out = tmp_path / "c"
     r = train_briefly(out, "--init-from", str(tiny_dir), "--colorless-rate", "0.5", steps=1)
     assert r.exit_code == 0, r.output
     assert run_meta(out)["train_config"]["colorless_rate"] == 0.5
-    for flag in ("--colorless-rate", "--t-uniform"):
+    r = train_briefly(tmp_path / "m", "--init-from", str(tiny_dir), "--multi-object-rate", "0.25", steps=1)
+    assert r.exit_code == 0, r.output
+    assert run_meta(tmp_path / "m")["train_config"]["multi_object_rate"] == 0.25
+    for flag in ("--colorless-rate", "--t-uniform", "--multi-object-rate"):
         r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), flag, "1.5", "--quiet"])
         assert r.exit_code == 2 and f"{flag} is a share of the batch, between 0 and 1, not 1.5" in r.output
     assert not (tmp_path / "bad").exists()

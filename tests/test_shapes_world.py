@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conceptattention.shapes import scorer, world
+from conceptattention.shapes.train import data_seed
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +143,23 @@ def test_scorer_catches_wrong_shapes_and_colours():
         assert wrong.colors_right == 1 and wrong.shapes_right == 0 and not wrong.exact
         assert scorer.score(images[i], [(other_color, shape)]).colors_right == 0
 
+
+
+def test_training_batches_mix_in_the_multi_object_share_deterministically():
+    from conceptattention.shapes.train import TrainConfig, training_scenes
+
+    plain = TrainConfig(batch=40, seed=3)
+    assert torch.equal(training_scenes(plain, 5).present, world.sample_scenes(40, data_seed(3, 5)).present)
+    mixed = TrainConfig(batch=40, seed=3, multi_object_rate=0.5)
+    a, b = training_scenes(mixed, 5), training_scenes(mixed, 5)
+    assert len(a) == 40 and torch.equal(a.center, b.center)
+    assert torch.equal(a.present[:20], world.sample_scenes(20, data_seed(3, 5)).present)  # the world's mix first
+    assert (a.present[:20].sum(1) == 1).float().mean() > 0.4  # the world's own mix: mostly single objects
+    assert (a.present[20:].sum(1) >= 2).all()
+    assert not torch.equal(a.shape[20:], a.shape[:20])  # a second seed: the parts do not repeat each other
+    # each multi-object scene is one the world draws (rendered labels agree with its object list)
+    _, labels = world.render(a.select(torch.arange(20, 40)))
+    assert all(len(set(labels[i].unique().tolist()) - {0}) >= 2 for i in range(20))
 
 
 def test_scorer_says_why_each_wrong_shape_failed():

@@ -197,6 +197,9 @@ def train_shapes(
     colorless_rate: Optional[float] = typer.Option(
         None, help="share of captions that name the shapes without their colours, so shape words must be read "
         "(default 0)"),
+    multi_object_rate: Optional[float] = typer.Option(
+        None, help="share of each batch asking for two or three objects, where shape and colour words must be bound "
+        "to the right object (default 0: the world's own mix, 60% single objects)"),
     prediction: Optional[str] = typer.Option(
         None, help="what the transformer outputs: 'velocity' (as in Flux) or 'sample' (the clean image); with "
         "--init-from a change retrains the output head (default: the weights' own, velocity from scratch)"),
@@ -229,10 +232,11 @@ def train_shapes(
         cfg = replace(cfg, steps=steps)
     for name, value in (("batch", batch), ("lr", lr), ("warmup", warmup), ("init_from", init_from),
                         ("object_weight", object_weight), ("t_uniform", t_uniform), ("prediction", prediction),
-                        ("colorless_rate", colorless_rate)):
+                        ("colorless_rate", colorless_rate), ("multi_object_rate", multi_object_rate)):
         if value is not None:
             cfg = replace(cfg, **{name: value})
-    for name, value in (("--t-uniform", t_uniform), ("--colorless-rate", colorless_rate)):
+    for name, value in (("--t-uniform", t_uniform), ("--colorless-rate", colorless_rate),
+                        ("--multi-object-rate", multi_object_rate)):
         if value is not None and not 0.0 <= value <= 1.0:
             _fail(ConceptAttentionError(f"{name} is a share of the batch, between 0 and 1, not {value}"))
     shape = {"patch": patch, "layers": layers, "single_layers": single_layers, "heads": heads, "head_dim": head_dim,

@@ -86,7 +86,7 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
         f"| {i + 1} | {(f'stage {i} weights' if i else s['train_config'].get('init_from')) if s['train_config'].get('init_from') else 'scratch'} | {s['steps']} | {s['train_config'].get('lr')} | "
         f"{s['train_config'].get('warmup')} | {s['train_config'].get('seed')} | {s['train_config'].get('batch')} | "
         f"{s['train_config'].get('object_weight', 1.0)} | {s['train_config'].get('t_uniform', 0.0)} | "
-        f"{s['train_config'].get('colorless_rate', 0.0)} | "
+        f"{s['train_config'].get('colorless_rate', 0.0)} | {s['train_config'].get('multi_object_rate', 0.0)} | "
         f"{s.get('patch') or '?'} | {s.get('text_layers', 2)} | {s.get('prediction', 'velocity')} | "
         f"{_precision(s['train_config'])} | {s.get('hardware') or hardware} | {s['minutes']:.0f} | `{s['command']}` |"
         for i, s in enumerate(stages))
@@ -122,13 +122,14 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
   learning rate), EMA {first.get('ema')}, gradient clipping {first.get('grad_clip')}; batch, precision and
   hardware per stage below; "object weight" is the loss weight of pixels on or within 2 px of an object,
   "uniform t" the share of timesteps drawn uniformly instead of logit-normal, "no-colour captions" the share
-  of captions that name the shapes without their colours;
+  of captions that name the shapes without their colours, "2-3 object share" the share of each batch drawn
+  from scenes asking for two or three objects (the rest from the world's own mix, 60% single objects);
 - {total} steps in {len(stages)} stage(s), {sum(s['minutes'] for s in stages):.0f} minutes of training.
   Each stage is reproduced by its command (a stage starting from weights reads the previous stage's
   exported `weights/`); every run resumes from `DIR/checkpoint.pt`. {notes}
 
-| stage | starts from | steps | peak lr | warm-up | seed | batch | object weight | uniform t | no-colour captions | patch | text layers | predicts | precision | hardware | minutes | command |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| stage | starts from | steps | peak lr | warm-up | seed | batch | object weight | uniform t | no-colour captions | 2-3 object share | patch | text layers | predicts | precision | hardware | minutes | command |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {stage_rows}
 
 | step (all stages) | loss |

@@ -38,6 +38,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     single_word_rate: float = 0.15
     colorless_rate: float = 0.0  # share of captions naming shapes without colours (world.captions)
+    multi_object_rate: float = 0.0  # share of each batch asking for 2-3 objects (the rest: 1-3, as the benchmark)
     t_mean: float = 0.3  # logit-normal timestep sampling, tilted towards noise (layout)
     t_std: float = 1.0
     t_uniform: float = 0.0  # share of timesteps drawn uniformly instead (covers the low-noise end too)
@@ -75,8 +76,29 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+MULTI_SEED_OFFSET = 7_777_777  # seeds the multi-object part of a batch away from every plain one in use
+
+
+def training_scenes(cfg: TrainConfig, step: int) -> world.Scenes:
+    """Step ``step``'s scenes: the world's own mix (60% single objects); with ``multi_object_rate``, that share
+    of the batch (rounded) is instead the first scenes with two or more objects from draws of other seeds, so
+    they follow the world's own distribution of multi-object scenes (object sizes included)."""
+    multi = round(cfg.batch * cfg.multi_object_rate)
+    plain = world.sample_scenes(cfg.batch - multi, data_seed(cfg.seed, step))
+    if multi == 0:  # the older configurations' batches, unchanged
+        return plain
+    parts, found, draw = [plain], 0, 0
+    while found < multi:
+        draw += 1
+        pool = world.sample_scenes(4 * multi, data_seed(cfg.seed + draw * MULTI_SEED_OFFSET, step))
+        keep = (pool.present.sum(1) >= 2).nonzero()[:, 0][: multi - found]
+        parts.append(pool.select(keep))
+        found += len(keep)
+    return world.Scenes.cat(parts)
+
+
 def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
-    scenes = world.sample_scenes(cfg.batch, data_seed(cfg.seed, step))
+    scenes = training_scenes(cfg, step)
     images, labels = world.render(scenes, device)
     texts = world.captions(scenes, cfg.single_word_rate, cfg.colorless_rate)
     noise_seed = cfg.seed * 7_919 + step
@@ -252,6 +274,7 @@ def main() -> None:
     p.add_argument("--prediction", choices=PREDICTIONS, default="")
     p.add_argument("--patch", type=int, default=0, help="with --init-from: re-patch those weights to this size")
     p.add_argument("--colorless-rate", type=float, default=TrainConfig.colorless_rate)
+    p.add_argument("--multi-object-rate", type=float, default=TrainConfig.multi_object_rate)
     p.add_argument("--drop-text-mixing", action="store_true", help="remove the text encoder's transformer layers")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
@@ -265,6 +288,7 @@ def main() -> None:
     cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, warmup=a.warmup, init_from=a.init_from,
                       object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=bf16,
                       prediction=a.prediction, patch=a.patch, colorless_rate=a.colorless_rate,
+                      multi_object_rate=a.multi_object_rate,
                       drop_text_mixing=a.drop_text_mixing)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 

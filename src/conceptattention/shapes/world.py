@@ -22,7 +22,8 @@ shape words, colour words, the background's name, and ``background`` (every non-
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Sequence
 
 import torch
 
@@ -65,6 +66,15 @@ class Scenes:
 
     def __len__(self) -> int:
         return self.present.shape[0]
+
+    def select(self, index: torch.Tensor) -> "Scenes":
+        """The scenes at ``index`` (a 1-D tensor of positions), in that order."""
+        return Scenes(**{f.name: getattr(self, f.name)[index] for f in fields(Scenes)})
+
+    @staticmethod
+    def cat(parts: Sequence["Scenes"]) -> "Scenes":
+        """The scenes of ``parts`` one after the other."""
+        return Scenes(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Scenes)})
 
     def objects(self, i: int) -> list[tuple[str, str]]:
         """(colour, shape) of image i's objects, in slot order."""
