@@ -1,8 +1,10 @@
 """Turn a chain of train-shapes runs into the shipped model.
 
 1. choose the layers read by default (best mean of mIoU, shape pick and colour pick of the maps) and the
-   guidance scale, then the sampler's timestep shift (most colours + shapes right) on the validation seed,
-   never the held-out seed;
+   sampler's guidance scale and timestep shift together (most colours + shapes right over the grid) on the
+   validation seed, never the held-out seed. Each grid point is cached in RUN/validation_samples.jsonl, so
+   a rerun on the same weights resumes; ``--keep-sampler`` keeps the guidance and shift of the model
+   shipped now instead (the grid costs nine validation sample runs, about an hour on 2 CPU cores);
 2. measure the held-out benchmark (sample quality + every readout);
 3. write config.json (with map_layers and every stage's record), model.safetensors, MODEL_CARD.md and
    loss_curve.png into src/conceptattention/shapes/weights/.
@@ -18,6 +20,7 @@ The stages file lists every training stage in order, the released one last; each
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -29,8 +32,8 @@ from conceptattention.shapes import benchmark
 from conceptattention.shapes.card import stage_record, write_card
 
 LAYER_CANDIDATES = ([0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [2, 3, 4, 5], [3, 4, 5], [2, 3, 4], [4], [5])
-GUIDANCE_CANDIDATES = (2.0, 4.0, 6.0)
-SHIFT_CANDIDATES = (3.0, 6.0)  # tried at the chosen guidance against evenly spaced steps (shift 1)
+GUIDANCE_CANDIDATES = (4.0, 6.0, 8.0)  # every pair with every shift is tried
+SHIFT_CANDIDATES = (3.0, 6.0, 12.0)
 
 
 def main() -> None:
@@ -38,6 +41,8 @@ def main() -> None:
     p.add_argument("stages", type=Path, help="JSON list of stages, the released one last")
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--validation-images", type=int, default=200)
+    p.add_argument("--keep-sampler", action="store_true",
+                   help="keep the shipped model's guidance and shift instead of choosing them on validation")
     a = p.parse_args()
     torch.set_num_threads(2)
     listed = json.loads(a.stages.read_text())
@@ -50,15 +55,16 @@ def main() -> None:
 
     pipe = ShapesPipeline.from_pretrained(run / "weights")
     layers, layer_scores = benchmark.choose_layers(pipe, LAYER_CANDIDATES, n=a.validation_images)
-    def right(guidance: float, shift: float) -> float:  # colours + shapes right on the validation seed
-        r = benchmark.sample_quality(pipe, a.validation_images, benchmark.VALIDATION_SEED, guidance=guidance, shift=shift)
-        return r["shape_accuracy"] + r["color_accuracy"]
-
-    guidance_scores = {g: right(g, 1.0) for g in GUIDANCE_CANDIDATES}
-    guidance = max(guidance_scores, key=guidance_scores.get)
-    shift_scores = {1.0: guidance_scores[guidance], **{s: right(guidance, s) for s in SHIFT_CANDIDATES}}
-    shift = max(shift_scores, key=shift_scores.get)
-    print("layers", layers, layer_scores, "guidance", guidance, guidance_scores, "shift", shift, shift_scores, flush=True)
+    if a.keep_sampler:
+        guidance, shift = ShapesPipeline.from_pretrained().sampler_settings(None, None)
+        sampler_record = {"sampler_kept_from_the_previous_release": {"guidance": guidance, "shift": shift}}
+    else:
+        digest = hashlib.sha256((run / "weights" / "model.safetensors").read_bytes()).hexdigest()
+        guidance, shift, grid = benchmark.choose_sampler(pipe, GUIDANCE_CANDIDATES, SHIFT_CANDIDATES,
+                                                         a.validation_images, cache=run / "validation_samples.jsonl",
+                                                         tag=digest)
+        sampler_record = {"colour_plus_shape_accuracy_by_guidance_and_shift": grid}
+    print("layers", layers, layer_scores, "guidance", guidance, "shift", shift, sampler_record, flush=True)
 
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "weights" / "model.safetensors", WEIGHTS_DIR / "model.safetensors")
@@ -71,9 +77,7 @@ def main() -> None:
     shipped = ShapesPipeline.from_pretrained()
     report = benchmark.run(shipped, run / "heldout", images=a.images, sample_images=a.images)
     validation = {"seed": benchmark.VALIDATION_SEED, "images": a.validation_images,
-                  "concept_attention_by_layers": layer_scores,
-                  "colour_plus_shape_accuracy_by_guidance": guidance_scores,
-                  f"colour_plus_shape_accuracy_by_shift_at_guidance_{guidance}": shift_scores}
+                  "concept_attention_by_layers": layer_scores, **sampler_record}
     stages = [stage_record(Path(st["run"]), st["command"], st.get("note", ""), st.get("hardware", ""))
               for st in listed]
     meta["stages"] = [{k: v for k, v in st.items() if k != "log"} for st in stages]

@@ -305,7 +305,38 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     assert "shape pick and colour pick" not in card  # the shipped card's layers were chosen by mIoU alone
     chosen = {"seed": 1, "concept_attention_by_layers": {"1": {"miou": 0.4, "score": 0.5}}}
     card = write_card(weights, runs, {"maps": maps, "samples": None}, chosen, "a test machine").read_text()
-    assert "the layers by the mean of the maps' mIoU, shape pick and colour pick" in card
+    assert "the layers by the mean of the maps' mIoU, shape pick and colour pick, the guidance, then the shift" in card
+    for record, says in (({"colour_plus_shape_accuracy_by_guidance_and_shift": {"6.0,6.0": 1.8}}, "shift together"),
+                         ({"sampler_kept_from_the_previous_release": {"guidance": 6.0, "shift": 6.0}}, "shift kept from the previous release")):
+        card = write_card(weights, runs, {"maps": maps, "samples": None}, {**chosen, **record}, "a machine").read_text()
+        assert f"shape pick and colour pick; the guidance and {says}" in card
+
+
+def test_choose_sampler_searches_the_whole_grid_and_resumes_from_its_cache(tiny_dir, tmp_path, monkeypatch):
+    from conceptattention.shapes import benchmark
+
+    pipe = ShapesPipeline.from_pretrained(tiny_dir)
+    cache = tmp_path / "validation_samples.jsonl"
+    guidance, shift, scores = benchmark.choose_sampler(pipe, (2.0, 4.0), (1.0, 3.0), n=2, cache=cache, tag="w1",
+                                                       progress=False)
+    assert sorted(scores) == ["2.0,1.0", "2.0,3.0", "4.0,1.0", "4.0,3.0"]
+    lines = [json.loads(x) for x in cache.read_text().splitlines()]
+    assert [(r["guidance"], r["shift"], r["tag"]) for r in lines] == [(2.0, 1.0, "w1"), (2.0, 3.0, "w1"),
+                                                                     (4.0, 1.0, "w1"), (4.0, 3.0, "w1")]
+    # every score is that pair's colours + shapes right on the validation seed, and the best pair is returned
+    direct = benchmark.sample_quality(pipe, 2, benchmark.VALIDATION_SEED, guidance=4.0, shift=3.0, progress=False)
+    assert scores["4.0,3.0"] == pytest.approx(direct["color_accuracy"] + direct["shape_accuracy"])
+    assert scores[f"{guidance},{shift}"] == max(scores.values())
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a cached pair was sampled again")
+
+    monkeypatch.setattr(benchmark, "sample_quality", no_sampling)
+    assert benchmark.choose_sampler(pipe, (2.0, 4.0), (1.0, 3.0), n=2, cache=cache, tag="w1") == (guidance, shift, scores)
+    with pytest.raises(AssertionError, match="sampled again"):  # other weights (tag) or another size: measured anew
+        benchmark.choose_sampler(pipe, (2.0,), (1.0,), n=2, cache=cache, tag="w2")
+    with pytest.raises(ValueError, match="at least one"):
+        benchmark.choose_sampler(pipe, (), (1.0,), n=2)
 
 
 def test_budgeted_training_exports_small_shards_that_join_back(tiny_dir, tmp_path):

@@ -109,6 +109,41 @@ def choose_layers(pipe, candidates: Sequence[Sequence[int]], n: int = 200, progr
     return [int(x) for x in best.split(",")], scores
 
 
+def choose_sampler(pipe, guidances: Sequence[float], shifts: Sequence[float], n: int = 200, *,
+                   cache: Path | None = None, tag: str = "", progress: bool = True) -> tuple[float, float, dict]:
+    """The (guidance, shift) pair with the most colours + shapes right on the validation seed, searched over
+    the whole grid (choosing one after the other can miss the best pair), and every pair's score (keyed
+    "guidance,shift").
+
+    Each pair's sample-quality result is appended to ``cache`` (JSON lines, ``tag`` naming the weights) as
+    soon as it is measured; a later call with the same tag reads those back instead of sampling again, so
+    an interrupted release resumes where it stopped.
+    """
+    if not guidances or not shifts:
+        raise ValueError("choose_sampler needs at least one guidance scale and one shift")
+    done = {}
+    if cache is not None and cache.is_file():
+        for line in cache.read_text().splitlines():
+            r = json.loads(line)
+            if (r.get("tag"), r["images"], r["seed"], r["steps"]) == (tag, n, VALIDATION_SEED, 20):
+                done[(float(r["guidance"]), float(r["shift"]))] = r
+    scores = {}
+    for guidance in guidances:
+        for shift in shifts:
+            r = done.get((float(guidance), float(shift)))
+            if r is None:
+                r = {**sample_quality(pipe, n, VALIDATION_SEED, guidance=guidance, shift=shift, progress=progress),
+                     "tag": tag}
+                if cache is not None:
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    with cache.open("a") as f:
+                        f.write(json.dumps(r) + "\n")
+            scores[f"{float(guidance)},{float(shift)}"] = r["color_accuracy"] + r["shape_accuracy"]
+    best = max(scores, key=scores.get)  # the first listed wins a tie
+    guidance, shift = (float(x) for x in best.split(","))
+    return guidance, shift, scores
+
+
 def markdown_table(maps: dict, samples: dict | None = None) -> str:
     lines = []
     if samples:

@@ -54,6 +54,18 @@ def _precision(cfg: dict) -> str:
     return "bf16 autocast" if cfg.get("bf16", True) else "float32 (TF32 on CUDA)"
 
 
+def _choice_criteria(validation: dict) -> str:
+    """How the release chose its default settings, from the validation record it kept."""
+    if "concept_attention_by_layers" not in validation:
+        return ""  # the earliest releases chose the layers by mIoU alone and recorded no criteria
+    layers = ": the layers by the mean of the maps' mIoU, shape pick and colour pick"
+    if "sampler_kept_from_the_previous_release" in validation:
+        return layers + "; the guidance and shift kept from the previous release"
+    if "colour_plus_shape_accuracy_by_guidance_and_shift" in validation:
+        return layers + "; the guidance and shift together, by colours plus shapes right"
+    return layers + ", the guidance, then the shift, by colours plus shapes right"
+
+
 def write_card(weights: Path, stages: list[dict], report: dict, validation: dict, hardware: str) -> Path:
     """MODEL_CARD.md (+ loss_curve.png) next to the weights; ``stages`` from :func:`stage_record`, in order;
     ``hardware`` names the machine of any stage that does not name its own."""
@@ -68,8 +80,7 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
     from .model import SAMPLE_T_MIN
 
     cfg, first = meta["config"], stages[0]["train_config"]
-    criteria = (": the layers by the mean of the maps' mIoU, shape pick and colour pick, the guidance, then the shift,"
-                " by colours plus shapes right" if "concept_attention_by_layers" in validation else "")
+    criteria = _choice_criteria(validation)
     patch = cfg["patch"]
     target = ("the transformer outputs the velocity" if cfg.get("prediction", "velocity") == "velocity" else
               "the transformer outputs the clean image `x_0` (\"sample\"), turned into the velocity "
