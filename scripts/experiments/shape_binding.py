@@ -1,0 +1,122 @@
+"""Experiment: where does a caption's shape word reach its object? (why the shape maps stay at chance)
+
+For validation images with two objects of different colours and different shapes, at each block of
+the shapes model, on the image noised at t = 0.5 with its own caption:
+
+1. attention: the mean share of an object's image tokens' attention (DAAM-style, image queries over
+   the caption's keys) that goes to its own colour word, its own shape word, the other object's colour
+   and shape words, and everything else ("a", "and", "on", the scene word, padding);
+2. probes: how well a linear probe (ridge regression, fit on half the objects, scored on the other half)
+   names an object's shape from (a) the text stream's state of the object's *colour* word, (b) that of
+   its *shape* word, (c) the mean image-stream state over the object's tokens. Chance is about 1/3.
+
+If the object's pixels attend to their colour word and that word's text-stream state names the
+shape, the caption's binding of shape to colour is done in the text stream and the pixels read shape
+through the colour word: a lone shape concept (as ConceptAttention encodes it) then has nothing of its
+own to match.
+
+    python scripts/experiments/shape_binding.py [--weights DIR]   # 800 scenes -> 155 images, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from conceptattention.pipelines.shapes import ShapesPipeline
+from conceptattention.prompt_attention import PromptAttention
+from conceptattention.shapes import benchmark, world
+
+
+def two_object_scenes(n: int) -> world.Scenes:
+    """The validation scenes (of the first n) with two objects of different colours and different shapes."""
+    scenes = world.sample_scenes(n, benchmark.VALIDATION_SEED)
+    keep = [i for i in range(n) if len(objs := scenes.objects(i)) == 2
+            and objs[0][0] != objs[1][0] and objs[0][1] != objs[1][1]]
+    return scenes.select(torch.tensor(keep))
+
+
+def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, ridge: float = 10.0) -> float:
+    """A linear probe: ridge regression onto one-hot shapes, fit on the first half (features standardised
+    there), scored as the arg-max on the second half."""
+    half = len(labels) // 2
+    x = features.double()
+    mean, std = x[:half].mean(0), x[:half].std(0) + 1e-6
+    x = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    y = torch.nn.functional.one_hot(labels, len(world.SHAPES)).double()
+    a = x[:half]
+    w = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=x.dtype), a.T @ y[:half])
+    return ((x[half:] @ w).argmax(-1) == labels[half:]).float().mean().item()
+
+
+@torch.no_grad()
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=800, help="validation scenes drawn (about 1 in 5 qualifies)")
+    p.add_argument("--weights", default=None, help="a weights directory (default: the shipped model)")
+    p.add_argument("--samples", type=int, default=2, help="noise draws per image")
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    pipe = ShapesPipeline.from_pretrained(a.weights) if a.weights else ShapesPipeline.from_pretrained()
+    scenes = two_object_scenes(a.images)
+    images, labels = world.render(scenes)
+    captions = world.captions(scenes)
+    patch = pipe.model.config.patch
+    # which image tokens belong to object s (slot s + 1 in the label map): at least half their pixels
+    share = torch.nn.functional.avg_pool2d(torch.stack([(labels == s + 1).float() for s in range(2)], 1), patch)
+    on_object = (share >= 0.5).flatten(2)  # [B, 2, N]
+    roles = ("own colour", "own shape", "other colour", "other shape", "rest")
+    attention = {}
+    states: dict[int, dict[str, list]] = {}
+    blocks = list(pipe.model.transformer.transformer_blocks)
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [b.register_forward_hook(lambda m, args, out, k=k: captured.__setitem__(k, out)) for k, b in enumerate(blocks)]
+    try:
+        inputs, b = pipe._noisy_inputs(list(images), captions, 0.5, a.samples, None)
+        for k in range(len(blocks)):
+            with PromptAttention(pipe.model.transformer, layers=[k]) as session:
+                session.forward_until_last_layer(**inputs)
+            probs = session.maps().flatten(2).unflatten(0, (b, a.samples)).mean(1)  # [B, S, N]
+            states[k] = {"text": captured[k][0].unflatten(0, (b, a.samples)).mean(1).float(),
+                         "image": captured[k][1].unflatten(0, (b, a.samples)).mean(1).float()}
+            totals = dict.fromkeys(roles, 0.0)
+            for i, caption in enumerate(captions):
+                words = caption.split()
+                objs = scenes.objects(i)
+                for s in range(2):
+                    (colour, shape), (other_colour, other_shape) = objs[s], objs[1 - s]
+                    mass = probs[i][:, on_object[i, s]].mean(-1)  # [S]: attention per caption token
+                    picked = {r: mass[words.index(w)].item() for r, w in zip(roles, (colour, shape, other_colour, other_shape))}
+                    picked["rest"] = mass.sum().item() - sum(picked.values())
+                    for r in roles:
+                        totals[r] += picked[r] / (2 * len(captions))
+            attention[k] = {r: round(v, 3) for r, v in totals.items()}
+    finally:
+        for h in hooks:
+            h.remove()
+    shape_index = {s: j for j, s in enumerate(world.SHAPES)}
+    target = torch.tensor([shape_index[scenes.objects(i)[s][1]] for i in range(len(captions)) for s in range(2)])
+    # before block 0: the prompt tokens as the text encoder gives them (no image stream yet)
+    prompt = inputs["encoder_hidden_states"].unflatten(0, (b, a.samples)).mean(1).float()
+    states[-1] = {"text": prompt, "image": None}
+    probes = {}
+    for k in sorted(states):
+        text, image = states[k]["text"], states[k]["image"]
+        colour_word, shape_word, pixels = [], [], []
+        for i, caption in enumerate(captions):
+            words = caption.split()
+            for s, (colour, shape) in enumerate(scenes.objects(i)):
+                colour_word.append(text[i, words.index(colour)])
+                shape_word.append(text[i, words.index(shape)])
+                if image is not None:
+                    pixels.append(image[i][on_object[i, s]].mean(0))
+        probes["prompt" if k < 0 else k] = {
+            name: round(probe_accuracy(torch.stack(f), target), 3)
+            for name, f in (("colour word", colour_word), ("shape word", shape_word), ("object pixels", pixels)) if f}
+    print(json.dumps({"objects": len(target), "attention by block": attention, "shape probe by block": probes}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
