@@ -298,7 +298,8 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     assert "`train-shapes --out run1`" in card and "Stage 1: a note" in card and "60 steps in 2 stage(s)" in card
     # each stage's patch size, text layers (2 for a config from before the option) and what it predicts
     assert "| 1.0 | 0.0 | 0.0 | 0.0 | 8 | 2 | velocity |" in card and "| 4.0 | 0.0 | 0.0 | 0.5 | 4 | 0 | sample |" in card
-    assert "RoPE positions" not in card  # positions are plain token indices (rope_scale 1)
+    assert "RoPE positions are token indices" not in card  # positions are plain token indices (rope_scale 1)
+    assert "prompt tokens' position ids:\n  zeros, as Flux's pipelines pass them;" in card
     assert "| 60 | 0.0500 |" in card  # the second stage's last log line, counted from the first stage
     assert "| 70.0% | n/a |" in card  # a report from before the colour pick existed still renders
     assert (weights / "loss_curve.png").is_file()
@@ -567,3 +568,48 @@ def test_cli_trains_with_colorless_captions_or_more_objects_and_checks_the_share
         r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), flag, "1.5", "--quiet"])
         assert r.exit_code == 2 and f"{flag} is a share of the batch, between 0 and 1, not 1.5" in r.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_text_positions_give_prompt_tokens_word_order_ids_and_change_what_the_transformer_sees(tiny_dir):
+    from conceptattention.shapes.model import text_ids
+
+    assert torch.equal(text_ids(4), torch.zeros(4, 3))  # Flux's convention, the default
+    assert text_ids(4, ordered=True).tolist() == [[0.0, 0, 0], [1.0, 0, 0], [2.0, 0, 0], [3.0, 0, 0]]
+    model = ShapesModel.load(tiny_dir).eval()
+    tokens, pooled = model.encode_text(["a red circle and a blue square"])
+    x_t, t = torch.randn(1, model.grid ** 2, 3 * model.config.patch ** 2, generator=torch.Generator().manual_seed(0)), torch.tensor([0.6])
+    with torch.no_grad():
+        before = model.velocity(x_t, t, tokens, pooled)
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        model.order_text_positions()
+        ids = model.transformer_inputs(x_t, t, tokens, pooled)["txt_ids"]
+        after = model.velocity(x_t, t, tokens, pooled)
+    assert model.config.text_positions and model.text_encoder.config.text_positions
+    assert ids[:, 0].tolist() == list(range(model.config.max_tokens)) and not ids[:, 1:].any()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # no weight changes
+    assert not torch.allclose(before, after, atol=1e-5)  # the positions reach the transformer
+
+
+def test_cli_trains_with_text_positions_and_the_result_reloads_and_generates(tiny_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "p"
+    r = train_briefly(out, "--init-from", str(tiny_dir), "--text-positions")
+    assert r.exit_code == 0, r.output
+    assert run_meta(out)["config"]["text_positions"] is True
+    assert ShapesModel.load(out / "weights").config.text_positions
+    r = generate_briefly(out, tmp_path / "gen")
+    assert r.exit_code == 0, r.output
+    # resuming keeps them without the option, and refuses the option itself
+    r = train_briefly(out, steps=3)
+    assert r.exit_code == 0, r.output
+    assert run_meta(out)["config"]["text_positions"] is True
+    r = runner.invoke(app, ["train-shapes", "--out", str(out), "--text-positions", "--quiet"])
+    assert r.exit_code == 2 and "keeps its own text positions" in r.output
+    # weights saved before the option existed load with Flux's zero ids
+    meta = json.loads((tiny_dir / "config.json").read_text())
+    meta["config"].pop("text_positions")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(meta))
+    (old / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    assert ShapesModel.load(old).config.text_positions is False

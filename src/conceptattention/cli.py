@@ -200,6 +200,9 @@ def train_shapes(
     multi_object_rate: Optional[float] = typer.Option(
         None, help="share of each batch asking for two or three objects, where shape and colour words must be bound "
         "to the right object (default 0: the world's own mix, 60% single objects)"),
+    text_positions: bool = typer.Option(
+        False, "--text-positions", help="give prompt tokens RoPE positions in word order (Flux passes zeros), so the "
+        "transformer can bind a word to its neighbour by relative position; from scratch or --init-from weights"),
     prediction: Optional[str] = typer.Option(
         None, help="what the transformer outputs: 'velocity' (as in Flux) or 'sample' (the clean image); with "
         "--init-from a change retrains the output head (default: the weights' own, velocity from scratch)"),
@@ -251,6 +254,10 @@ def train_shapes(
                 "only be dropped (--text-layers 0); a new layer count needs a model from scratch"))
         cfg, shape["text_layers"] = replace(cfg, drop_text_mixing=True), None
     given = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is not None]
+    if text_positions and resuming:
+        _fail(ConceptAttentionError(
+            f"{out} holds a checkpoint, which keeps its own text positions; drop --text-positions or use a new --out"))
+    cfg = replace(cfg, text_positions=text_positions)
     if prediction is not None and resuming:
         _fail(ConceptAttentionError(
             f"{out} holds a checkpoint, whose weights fix what the model predicts; drop --prediction or use a new --out"))

@@ -107,6 +107,8 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
                      if any(s["train_config"].get("object_weight", 1.0) != 1.0 for s in stages) else "")
     text_layers = (f"{cfg['text_layers']} transformer layers" if cfg.get("text_layers", 2) else
                    "no mixing layers (a prompt token is its word's embedding plus its position, normalised)")
+    text_positions = ("word index on the first id axis (`--text-positions`), concepts at 0" if cfg.get("text_positions")
+                      else "zeros, as Flux's pipelines pass them")
     text = f"""# The shapes model
 
 A diffusers `FluxTransformer2DModel` and a word-level text encoder, trained by this project on the
@@ -119,7 +121,8 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
   RoPE axes {cfg['axes_dims_rope']}, no guidance embedding;
 - image "latents": pixels in [-1, 1], {cfg['patch']}x{cfg['patch']} patches -> {(64 // cfg['patch']) ** 2} tokens of {3 * cfg['patch'] ** 2} values{positions};
 - text encoder: vocabulary of {len(cfg['vocab']) - 1} words + padding, width {cfg['text_dim']}, {text_layers};
-  at most {cfg['max_tokens']} words; pooled vector = mean over real words;
+  at most {cfg['max_tokens']} words; pooled vector = mean over real words; prompt tokens' position ids:
+  {text_positions};
 - maps read from double-stream blocks {cfg.get('map_layers')} by default, guidance {cfg.get('default_guidance')}, timestep
   shift {cfg.get('default_shift', 1.0)} (chosen on the validation seed{criteria}).
 

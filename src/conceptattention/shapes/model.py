@@ -96,6 +96,10 @@ class ShapesConfig:
     #: RoPE position of a token = its (row, column) on the token grid times this. A model re-patched from
     #: p to p' patches (:meth:`ShapesModel.repatch`) multiplies it by p'/p, so positions keep their unit.
     rope_scale: float = 1.0
+    #: Prompt tokens' RoPE position ids are (word index, 0, 0), on the id axis image tokens leave at 0, so
+    #: attention between prompt words sees their relative order (False: zeros, as Flux's pipelines pass).
+    #: Concept tokens stay at position 0 either way, as in the paper.
+    text_positions: bool = False
 
     def __post_init__(self) -> None:
         check_prediction(self.prediction)
@@ -207,6 +211,15 @@ def image_ids(grid: int, device: torch.device | str = "cpu", scale: float = 1.0)
     return ids.reshape(-1, 3)
 
 
+def text_ids(length: int, device: torch.device | str = "cpu", ordered: bool = False) -> torch.Tensor:
+    """Flux position ids of ``length`` prompt tokens, ``[length, 3]``: zeros, or with ``ordered`` the word
+    index on the first axis (see :attr:`ShapesConfig.text_positions`)."""
+    ids = torch.zeros(length, 3, device=device)
+    if ordered:
+        ids[:, 0] = torch.arange(length, device=device)
+    return ids
+
+
 class ShapesModel(nn.Module):
     """Text encoder + Flux transformer of the shapes world."""
 
@@ -246,7 +259,7 @@ class ShapesModel(nn.Module):
             pooled_projections=pooled,
             timestep=t,
             img_ids=image_ids(self.grid, device, self.config.rope_scale),
-            txt_ids=torch.zeros(tokens.shape[1], 3, device=device),
+            txt_ids=text_ids(tokens.shape[1], device, self.config.text_positions),
             return_dict=False,
         )
 
@@ -319,6 +332,15 @@ class ShapesModel(nn.Module):
             return
         config = ShapesConfig(**{**asdict(self.config), "text_layers": 0})
         self.text_encoder.layers = nn.Identity()
+        self.text_encoder.config = config
+        self.config = config
+
+    def order_text_positions(self) -> None:
+        """From now on give prompt tokens RoPE positions in word order (``text_positions``), so that binding
+        a word to its neighbour ("red" to the "circle" after it) is a relative position for the transformer's
+        text-to-text attention instead of something learnt from absolute position embeddings. No weight
+        changes; fine-tuning adapts the model to the new inputs."""
+        config = ShapesConfig(**{**asdict(self.config), "text_positions": True})
         self.text_encoder.config = config
         self.config = config
 

@@ -51,6 +51,7 @@ class TrainConfig:
     prediction: str = ""  # "velocity" or "sample": what the transformer outputs ("": keep the weights' own)
     patch: int = 0  # with init_from: re-patch those weights to this patch size (ShapesModel.repatch; 0: keep)
     drop_text_mixing: bool = False  # remove the text encoder's layers before training (ShapesModel.drop_text_mixing)
+    text_positions: bool = False  # give prompt tokens RoPE positions before training (ShapesConfig.text_positions)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -191,6 +192,9 @@ def train(
     if state is None and cfg.prediction:
         model.predict_as(cfg.prediction)
         model_cfg = model.config
+    if state is None and cfg.text_positions:
+        model.order_text_positions()
+        model_cfg = model.config
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if dev.type == "cuda" and not cfg.bf16:
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 weights, TF32 matrix products
@@ -276,6 +280,7 @@ def main() -> None:
     p.add_argument("--colorless-rate", type=float, default=TrainConfig.colorless_rate)
     p.add_argument("--multi-object-rate", type=float, default=TrainConfig.multi_object_rate)
     p.add_argument("--drop-text-mixing", action="store_true", help="remove the text encoder's transformer layers")
+    p.add_argument("--text-positions", action="store_true", help="give prompt tokens RoPE positions (word order)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -289,7 +294,7 @@ def main() -> None:
                       object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=bf16,
                       prediction=a.prediction, patch=a.patch, colorless_rate=a.colorless_rate,
                       multi_object_rate=a.multi_object_rate,
-                      drop_text_mixing=a.drop_text_mixing)
+                      drop_text_mixing=a.drop_text_mixing, text_positions=a.text_positions)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 
 
