@@ -51,8 +51,9 @@ def sample_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, steps: int = 20, g
             s = scorer.score(images[j].cpu(), scenes.objects(i))
             objects, colors, shapes, exact = objects + s.objects, colors + s.colors_right, shapes + s.shapes_right, exact + s.exact
             group = by_objects.setdefault(str(s.objects), {"images": 0, "objects": 0, "shapes_right": 0})
-            group["images"], group["objects"], group["shapes_right"] = (
-                group["images"] + 1, group["objects"] + s.objects, group["shapes_right"] + s.shapes_right)
+            group["images"] += 1
+            group["objects"] += s.objects
+            group["shapes_right"] += s.shapes_right
             for kind in s.errors:
                 errors[kind] += 1
     guidance, shift = pipe.sampler_settings(guidance, shift)
@@ -109,7 +110,7 @@ def choose_layers(pipe, candidates: Sequence[Sequence[int]], n: int = 200, progr
     return [int(x) for x in best.split(",")], scores
 
 
-def choose_sampler(pipe, guidances: Sequence[float], shifts: Sequence[float], n: int = 200, *,
+def choose_sampler(pipe, guidances: Sequence[float], shifts: Sequence[float], n: int = 200, *, steps: int = 20,
                    cache: Path | None = None, tag: str = "", progress: bool = True) -> tuple[float, float, dict]:
     """The (guidance, shift) pair with the most colours + shapes right on the validation seed, searched over
     the whole grid (choosing one after the other can miss the best pair), and every pair's score (keyed
@@ -125,15 +126,15 @@ def choose_sampler(pipe, guidances: Sequence[float], shifts: Sequence[float], n:
     if cache is not None and cache.is_file():
         for line in cache.read_text().splitlines():
             r = json.loads(line)
-            if (r.get("tag"), r["images"], r["seed"], r["steps"]) == (tag, n, VALIDATION_SEED, 20):
+            if (r.get("tag"), r["images"], r["seed"], r["steps"]) == (tag, n, VALIDATION_SEED, steps):
                 done[(float(r["guidance"]), float(r["shift"]))] = r
     scores = {}
     for guidance in guidances:
         for shift in shifts:
             r = done.get((float(guidance), float(shift)))
             if r is None:
-                r = {**sample_quality(pipe, n, VALIDATION_SEED, guidance=guidance, shift=shift, progress=progress),
-                     "tag": tag}
+                r = {**sample_quality(pipe, n, VALIDATION_SEED, steps=steps, guidance=guidance, shift=shift,
+                                      progress=progress), "tag": tag}
                 if cache is not None:
                     cache.parent.mkdir(parents=True, exist_ok=True)
                     with cache.open("a") as f:
