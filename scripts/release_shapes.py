@@ -6,8 +6,11 @@
    a rerun on the same weights resumes; ``--keep-sampler`` keeps the guidance and shift of the model
    shipped now instead (the grid costs nine validation sample runs, about an hour on 2 CPU cores);
 2. measure the held-out benchmark (sample quality + every readout);
-3. write config.json (with map_layers and every stage's record), model.safetensors, MODEL_CARD.md and
-   loss_curve.png into src/conceptattention/shapes/weights/.
+3. write config.json (with map_layers, every stage's record and the validation record), model.safetensors,
+   MODEL_CARD.md and loss_curve.png into src/conceptattention/shapes/weights/.
+
+``--card-only`` measures nothing: it rewrites MODEL_CARD.md (after a change to the card's code) from the
+shipped config.json's records and the released run's held-out report, RUN/heldout/shapes_benchmark.json.
 
     python scripts/release_shapes.py scripts/shapes_stages.json
 
@@ -43,6 +46,8 @@ def main() -> None:
     p.add_argument("--validation-images", type=int, default=200)
     p.add_argument("--keep-sampler", action="store_true",
                    help="keep the shipped model's guidance and shift instead of choosing them on validation")
+    p.add_argument("--card-only", action="store_true",
+                   help="measure nothing; rewrite the shipped model card from the recorded validation and held-out results")
     a = p.parse_args()
     torch.set_num_threads(2)
     listed = json.loads(a.stages.read_text())
@@ -52,6 +57,11 @@ def main() -> None:
         if missing:
             raise SystemExit(f"stage {stage['run']} lacks {', '.join(missing)}")
     run = Path(listed[-1]["run"])
+    stages = [stage_record(Path(st["run"]), st["command"], st.get("note", ""), st.get("hardware", ""))
+              for st in listed]
+    if a.card_only:
+        rewrite_card(run, stages)
+        return
 
     pipe = ShapesPipeline.from_pretrained(run / "weights")
     layers, layer_scores = benchmark.choose_layers(pipe, LAYER_CANDIDATES, n=a.validation_images)
@@ -78,12 +88,24 @@ def main() -> None:
     report = benchmark.run(shipped, run / "heldout", images=a.images, sample_images=a.images)
     validation = {"seed": benchmark.VALIDATION_SEED, "images": a.validation_images,
                   "concept_attention_by_layers": layer_scores, **sampler_record}
-    stages = [stage_record(Path(st["run"]), st["command"], st.get("note", ""), st.get("hardware", ""))
-              for st in listed]
     meta["stages"] = [{k: v for k, v in st.items() if k != "log"} for st in stages]
+    meta["validation"] = validation
     (WEIGHTS_DIR / "config.json").write_text(json.dumps(meta, indent=2))
     write_card(WEIGHTS_DIR, stages, report, validation, "(not recorded)")
     print((run / "heldout" / "shapes_benchmark.md").read_text())
+
+
+def rewrite_card(run: Path, stages: list[dict]) -> None:
+    """MODEL_CARD.md again from what the release recorded; the weights, config and numbers are untouched."""
+    meta = json.loads((WEIGHTS_DIR / "config.json").read_text())
+    report_file = run / "heldout" / "shapes_benchmark.json"
+    if "validation" not in meta or not report_file.is_file():
+        raise SystemExit(f"--card-only needs the shipped config.json's validation record and {report_file}; "
+                         "run the full release instead")
+    if [st["steps"] for st in meta.get("stages", [])] != [st["steps"] for st in stages]:
+        raise SystemExit("the stages file does not list the shipped model's stages; check it or run the full release")
+    write_card(WEIGHTS_DIR, stages, json.loads(report_file.read_text()), meta["validation"], "(not recorded)")
+    print(f"rewrote {WEIGHTS_DIR / 'MODEL_CARD.md'}")
 
 
 if __name__ == "__main__":
