@@ -277,7 +277,7 @@ class ShapesModel(nn.Module):
         output projection starts at zero, so the new head begins from a neutral guess, not from nonsense."""
         if check_prediction(prediction) == self.config.prediction:
             return
-        self.config.prediction = prediction
+        self._reconfigure(prediction=prediction)
         with torch.no_grad():
             self.transformer.proj_out.weight.zero_()
             self.transformer.proj_out.bias.zero_()
@@ -300,7 +300,7 @@ class ShapesModel(nn.Module):
         if patch == old:
             return
         k, n = old // patch, patch
-        config = ShapesConfig(**{**asdict(self.config), "patch": patch, "rope_scale": self.config.rope_scale * patch / old})
+        config = self._changed_config(patch=patch, rope_scale=self.config.rope_scale * patch / old)
         inner = self.transformer.x_embedder.out_features
         param = next(self.transformer.parameters())
         new = FluxTransformer2DModel(**config.transformer_kwargs()).to(param.device)
@@ -320,8 +320,8 @@ class ShapesModel(nn.Module):
             b_out = self.transformer.proj_out.bias.view(3, k, n, k, n)
             new.proj_out.bias.copy_(b_out.mean(dim=(1, 3)).reshape(3 * n * n))
         new.train(self.transformer.training)
-        self.transformer, self.config = new, config
-        self.text_encoder.config = config
+        self.transformer = new
+        self.config = self.text_encoder.config = config
 
     def drop_text_mixing(self) -> None:
         """Remove the text encoder's transformer layers (``text_layers`` becomes 0), keeping its word and
@@ -330,19 +330,22 @@ class ShapesModel(nn.Module):
         then teaches the transformer to do the mixing it needs itself. A model without mixing is left as it is."""
         if self.config.text_layers == 0:
             return
-        config = ShapesConfig(**{**asdict(self.config), "text_layers": 0})
         self.text_encoder.layers = nn.Identity()
-        self.text_encoder.config = config
-        self.config = config
+        self._reconfigure(text_layers=0)
 
     def order_text_positions(self) -> None:
         """From now on give prompt tokens RoPE positions in word order (``text_positions``), so that binding
         a word to its neighbour ("red" to the "circle" after it) is a relative position for the transformer's
         text-to-text attention instead of something learnt from absolute position embeddings. No weight
         changes; fine-tuning adapts the model to the new inputs."""
-        config = ShapesConfig(**{**asdict(self.config), "text_positions": True})
-        self.text_encoder.config = config
-        self.config = config
+        self._reconfigure(text_positions=True)
+
+    def _changed_config(self, **changes) -> ShapesConfig:
+        return ShapesConfig(**{**asdict(self.config), **changes})
+
+    def _reconfigure(self, **changes) -> None:
+        """Replace the config (shared by the model and its text encoder) by one with ``changes``."""
+        self.config = self.text_encoder.config = self._changed_config(**changes)
 
     # ----- weights -------------------------------------------------------------------------------
     def save(self, directory: Path, dtype: torch.dtype = torch.bfloat16, extra: dict | None = None) -> None:
