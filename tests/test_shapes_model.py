@@ -265,6 +265,10 @@ def test_sampler_timestep_shift(tiny_dir, tmp_path):
     right = sum(g["shapes_right"] for g in groups)
     assert right == round(samples["shape_accuracy"] * samples["objects"])
     assert sum(samples["shape_errors"].values()) == samples["objects"] - right
+    # the no-binding baseline: every object of a one-object caption, and the groups add up to the total
+    if "1" in samples["by_objects"]:
+        assert samples["by_objects"]["1"]["unbound_shapes_right"] == samples["by_objects"]["1"]["objects"]
+    assert sum(g["unbound_shapes_right"] for g in groups) == pytest.approx(samples["unbound_shape_accuracy"] * samples["objects"])
     assert "Shapes right by objects in the caption: " in r.output
     assert "| steps 20, guidance 4.0, shift 3.0 | 3 |" in r.output
 

@@ -178,6 +178,23 @@ def test_scorer_says_why_each_wrong_shape_failed():
     assert scorer.shape_errors(found[::-1], [("red", "square"), ("blue", "circle")]) == []
 
 
+def test_unbound_baseline_is_the_mean_over_every_order_of_the_shapes():
+    import itertools
+
+    def by_enumeration(wanted):  # draw the caption's shapes on its objects in each order; mean right
+        shapes = [sh for _, sh in wanted]
+        orders = list(itertools.permutations(shapes))
+        return sum(sum(a == b for a, b in zip(order, shapes)) for order in orders) / len(orders)
+
+    cases = [[("red", "circle")], [("red", "circle"), ("blue", "square")], [("red", "circle"), ("blue", "circle")],
+             [("red", "circle"), ("blue", "square"), ("green", "circle")],
+             [("red", "circle"), ("blue", "square"), ("green", "triangle")]]
+    for wanted in cases:
+        assert scorer.unbound_shapes_right(wanted) == pytest.approx(by_enumeration(wanted))
+    assert scorer.unbound_shapes_right(cases[1]) == 1.0  # two different shapes: one of two right
+    assert scorer.unbound_shapes_right([]) == 0.0
+
+
 def test_scores_of_rendered_two_object_images_count_borrowed_shapes():
     s = world.sample_scenes(200, seed=5, max_objects=2)
     images, _ = world.render(s)

@@ -57,9 +57,26 @@ def sample_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, steps: int = 20, g
             for kind in s.errors:
                 errors[kind] += 1
     guidance, shift = pipe.sampler_settings(guidance, shift)
-    return {"images": n, "objects": objects, "color_accuracy": colors / objects, "shape_accuracy": shapes / objects,
-            "exact_images": exact / n, "steps": steps, "guidance": guidance, "shift": shift, "seed": seed,
-            "by_objects": dict(sorted(by_objects.items())), "shape_errors": errors}
+    return with_unbound_baseline(
+        {"images": n, "objects": objects, "color_accuracy": colors / objects, "shape_accuracy": shapes / objects,
+         "exact_images": exact / n, "steps": steps, "guidance": guidance, "shift": shift, "seed": seed,
+         "by_objects": dict(sorted(by_objects.items())), "shape_errors": errors})
+
+
+def with_unbound_baseline(samples: dict) -> dict:
+    """A sample-quality record with the no-binding baseline added (``scorer.unbound_shapes_right``): the
+    shapes right that a model drawing each caption's shapes on its objects in a random order would get,
+    overall (``unbound_shape_accuracy``) and per count of objects. It depends on the captions alone (the
+    record's seed and image count), so records written before it existed get it too."""
+    scenes = world.sample_scenes(samples["images"], samples["seed"])
+    total, per_count = 0.0, {}
+    for i in range(len(scenes)):
+        wanted = scenes.objects(i)
+        chance = scorer.unbound_shapes_right(wanted)
+        total += chance
+        per_count[str(len(wanted))] = per_count.get(str(len(wanted)), 0.0) + chance
+    groups = {k: {**g, "unbound_shapes_right": per_count.get(k, 0.0)} for k, g in samples.get("by_objects", {}).items()}
+    return {**samples, "unbound_shape_accuracy": total / samples["objects"], **({"by_objects": groups} if groups else {})}
 
 
 def map_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, readouts: Sequence[str] = tuple(READOUTS),
@@ -159,6 +176,16 @@ def markdown_table(maps: dict, samples: dict | None = None) -> str:
             kinds = ", ".join(f"{kind.replace('_', ' ')} {n}" for kind, n in samples["shape_errors"].items())
             lines += [f"Shapes right by objects in the caption: {counts}. Objects drawn with a wrong shape, by what was "
                       f"drawn instead: {kinds} (borrowed: the shape the caption gives another object).", ""]
+            samples = with_unbound_baseline(samples) if "unbound_shape_accuracy" not in samples else samples
+            multi = {k: g for k, g in samples["by_objects"].items() if k != "1"}
+            right = sum(g["shapes_right"] for g in multi.values())
+            unbound = sum(g["unbound_shapes_right"] for g in multi.values())
+            total = sum(g["objects"] for g in multi.values())
+            if total:
+                lines += [f"Shape binding: in captions with two or three objects these samples get {100 * right / total:.1f}% "
+                          f"of the shapes right. A model that drew each caption's shapes on its objects in a random order "
+                          f"(the right words, none bound to its object) would get {100 * unbound / total:.1f}% there, and "
+                          f"{100 * samples['unbound_shape_accuracy']:.1f}% of all shapes.", ""]
     lines += [f"Maps: {maps['images']} held-out images, layers {maps['layers']}, t = {maps['t']}, "
               f"{maps['samples']} noise samples, concepts {', '.join(maps['concepts'])}.", "",
               "| readout | pixel acc | mIoU | paper-compatible mIoU | mAP | shape pick (2 objects) | colour pick (2 objects) |",

@@ -149,6 +149,17 @@ def shape_errors(found: list[Detected], wanted: list[tuple[str, str]]) -> list[s
     return kinds
 
 
+def unbound_shapes_right(wanted: list[tuple[str, str]]) -> float:
+    """Shapes a model that does not bind words would get right, in expectation: one that draws the objects
+    in their colours and the caption's shapes on them in a random order (a bag of words). An object whose
+    shape k is asked for c_k times among n objects gets it with probability c_k / n, so the sum over
+    objects is sum_k c_k^2 / n: every one for one object or equal shapes, half of two different ones."""
+    if not wanted:
+        return 0.0
+    counts = Counter(shape for _, shape in wanted)
+    return sum(c * c for c in counts.values()) / len(wanted)
+
+
 def score(image: torch.Tensor, wanted: list[tuple[str, str]]) -> Score:
     """Compare one image with its caption's (colour, shape) list."""
     found = detect(image)
