@@ -28,14 +28,7 @@ import torch
 from conceptattention.pipelines.shapes import ShapesPipeline
 from conceptattention.prompt_attention import PromptAttention
 from conceptattention.shapes import benchmark, world
-
-
-def two_object_scenes(n: int) -> world.Scenes:
-    """The validation scenes (of the first n) with two objects of different colours and different shapes."""
-    scenes = world.sample_scenes(n, benchmark.VALIDATION_SEED)
-    keep = [i for i in range(n) if len(objs := scenes.objects(i)) == 2
-            and objs[0][0] != objs[1][0] and objs[0][1] != objs[1][1]]
-    return scenes.select(torch.tensor(keep))
+from conceptattention.shapes.binding import two_object_scenes
 
 
 def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, ridge: float = 10.0) -> float:
@@ -60,7 +53,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(2)
     pipe = ShapesPipeline.from_pretrained(a.weights) if a.weights else ShapesPipeline.from_pretrained()
-    scenes = two_object_scenes(a.images)
+    scenes = two_object_scenes(a.images, benchmark.VALIDATION_SEED)
     images, labels = world.render(scenes)
     captions = world.captions(scenes)
     patch = pipe.model.config.patch
