@@ -7,7 +7,9 @@ A lent accelerator gives a few minutes and returns only small files, so this scr
 2. trains that run in chunks (each chunk resumes the checkpoint, exactly as ``train-shapes`` does)
    and after every chunk exports the EMA weights to ``--export`` as bf16 safetensors shards of at most
    ``--shard-mb`` MB, with ``config.json``, ``log.jsonl`` and ``summary.json``: whatever the machine
-   returns if it is stopped early is a complete, loadable stage;
+   returns if it is stopped early is a complete, loadable stage. It also prints, and records in the
+   summary, ``shapes.binding`` of those weights at t = 0.9 (``order``: 0 for a model that reads its
+   caption as a bag of words), so a run that starts to bind shape words can be seen while it runs;
 3. ``--join EXPORT --run RUN`` (on any machine) turns an export back into a train-shapes run directory
    (``RUN/weights/model.safetensors``, ``RUN/weights/config.json``, ``RUN/log.jsonl``) that
    ``scripts/release_shapes.py`` and ``--init-from`` read.
@@ -33,7 +35,9 @@ from pathlib import Path
 
 import torch
 
-from conceptattention.shapes.model import PREDICTIONS, architecture
+from conceptattention.shapes.benchmark import VALIDATION_SEED
+from conceptattention.shapes.binding import binding, two_object_scenes
+from conceptattention.shapes.model import PREDICTIONS, ShapesModel, architecture
 from conceptattention.shapes.train import TrainConfig, train, use_bf16
 
 SHARD_PATTERN = "model-{index:02d}.safetensors"
@@ -94,6 +98,13 @@ def seconds_per_step(scratch: Path, cfg: TrainConfig, model_cfg, device: str, st
     return (log[-1]["seconds"] - log[-2]["seconds"]) / (steps // 2)
 
 
+def binding_now(weights: Path, device: str, images: int = 800) -> dict:
+    """``shapes.binding`` of the exported EMA weights at t = 0.9 on the validation images with two objects
+    (a second or two on a GPU): does the run start to bind shape words to their objects?"""
+    model = ShapesModel.load(weights, device=device, dtype=torch.float32).eval()
+    return binding(model, two_object_scenes(images, VALIDATION_SEED), [0.9], samples=2)["0.9"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="run directory (checkpoint, log, weights)")
@@ -102,7 +113,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=420.0, help="seconds for calibration plus training")
     p.add_argument("--chunk", type=float, default=90.0, help="seconds between exports")
     p.add_argument("--shard-mb", type=float, default=12.0)
-    p.add_argument("--chunk-overhead", type=float, default=4.0, help="seconds each chunk spends reloading and exporting")
+    p.add_argument("--chunk-overhead", type=float, default=6.0,
+                   help="seconds each chunk spends reloading, exporting and measuring binding")
     p.add_argument("--margin", type=float, default=10.0, help="no new chunk with fewer seconds than this left")
     p.add_argument("--device", default="cuda")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
@@ -124,6 +136,8 @@ def main() -> None:
                        "and --text-layers 0 drops the text encoder's word mixing")
     p.add_argument("--probe-steps", type=int, default=40, help="steps timed to plan the run (the second half counts)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on the step count the budget allows")
+    p.add_argument("--binding-images", type=int, default=800,
+                   help="validation scenes drawn for the binding measure after each chunk (about 1 in 5 qualifies)")
     a = p.parse_args()
     if a.join:
         print(f"joined into {join(a.join, a.run)}")
@@ -168,11 +182,14 @@ def main() -> None:
             break
         train(a.run, cfg, model_cfg, device=a.device, progress=False, max_seconds=min(a.chunk, remaining - 5))
         done = json.loads((a.run / "weights" / "config.json").read_text())["steps"]
+        bound = binding_now(a.run / "weights", a.device, a.binding_images)
+        summary.setdefault("binding_t0.9", []).append({"step": done, **bound})
         summary.update(steps_done=done, seconds=time.time() - began)
         export(a.run, a.export, a.shard_mb, summary)
         lines = (a.run / "log.jsonl").read_text().splitlines()
         loss = f"loss {json.loads(lines[-1])['loss']:.4f}  " if lines else ""
-        print(f"step {done}/{steps}  {loss}{time.time() - began:.0f} s", flush=True)
+        print(f"step {done}/{steps}  {loss}binding order {bound['order']:.4f} prefers {bound['prefers']:.1%}  "
+              f"{time.time() - began:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -358,7 +358,8 @@ def test_budgeted_training_exports_small_shards_that_join_back(tiny_dir, tmp_pat
     run, export, joined = tmp_path / "run", tmp_path / "export", tmp_path / "joined"
     argv = [str(path), "--run", str(run), "--export", str(export), "--device", "cpu", "--budget", "600", "--chunk", "0.1",
             "--chunk-overhead", "0", "--margin", "1", "--probe-steps", "4", "--max-steps", "3",
-            "--batch", "2", "--init-from", str(tiny_dir), "--shard-mb", "0.05", "--precision", "fp32"]
+            "--batch", "2", "--init-from", str(tiny_dir), "--shard-mb", "0.05", "--precision", "fp32",
+            "--binding-images", "30"]
     old_argv, sys.argv = sys.argv, argv
     try:
         script.main()
@@ -367,6 +368,9 @@ def test_budgeted_training_exports_small_shards_that_join_back(tiny_dir, tmp_pat
     summary = json.loads((export / "summary.json").read_text())
     steps = run_meta(run)["steps"]
     assert summary["steps_done"] == steps == summary["planned_steps"] == 3
+    # the binding measure after every chunk, the last one at the exported step
+    bound = summary["binding_t0.9"]
+    assert bound[-1]["step"] == 3 and all(r["order"] >= 0 and 0 <= r["prefers"] <= 1 for r in bound)
     shards = sorted(export.glob("model-*.safetensors"))
     assert len(shards) == summary["shards"] > 1
     largest_tensor = max(t.numel() * t.element_size() for t in load_file(str(run / "weights" / "model.safetensors")).values())
