@@ -14,7 +14,8 @@ under three captions that differ only in their shape words, with the same noise:
 
 ``order``: the mean squared change of the prediction under the swap, divided by that under the
 replacement. It is exactly 0 for a model to which word order is invisible (without position ids or
-position embeddings the transformer is permutation invariant over prompt tokens); a model that binds
+position embeddings, the text encoder and the transformer are permutation invariant over prompt
+tokens); a model that binds
 moves its prediction under a swap about as much as under a new word.
 
 ``prefers``: the share of (image, noise) pairs where the true caption reconstructs the pixels that
@@ -60,7 +61,8 @@ def third_shape(scenes: world.Scenes) -> world.Scenes:
 def binding(model: ShapesModel, scenes: world.Scenes, ts: list[float], samples: int = 2, seed: int = 0,
             batch: int = 64) -> dict[str, dict[str, float]]:
     """Per noise level t (keyed by its text): ``order`` and ``prefers`` (see the module's description) over
-    two-object ``scenes`` (:func:`two_object_scenes`), ``samples`` noise draws each."""
+    two-object ``scenes`` (:func:`two_object_scenes`; the first two objects are the ones swapped), ``samples``
+    noise draws each."""
     captions = [world.captions(s) for s in (scenes, swap_shapes(scenes))]
     if any(a == b for a, b in zip(*captions)):
         raise ValueError("every scene needs two objects of different shapes (see two_object_scenes)")
