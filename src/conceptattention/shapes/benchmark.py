@@ -60,15 +60,17 @@ def sample_quality(pipe, n: int, seed: int = HELDOUT_SEED, *, steps: int = 20, g
     return with_unbound_baseline(
         {"images": n, "objects": objects, "color_accuracy": colors / objects, "shape_accuracy": shapes / objects,
          "exact_images": exact / n, "steps": steps, "guidance": guidance, "shift": shift, "seed": seed,
-         "by_objects": dict(sorted(by_objects.items())), "shape_errors": errors})
+         "by_objects": dict(sorted(by_objects.items())), "shape_errors": errors}, scenes)
 
 
-def with_unbound_baseline(samples: dict) -> dict:
+def with_unbound_baseline(samples: dict, scenes: world.Scenes | None = None) -> dict:
     """A sample-quality record with the no-binding baseline added (``scorer.unbound_shapes_right``): the
     shapes right that a model drawing each caption's shapes on its objects in a random order would get,
     overall (``unbound_shape_accuracy``) and per count of objects. It depends on the captions alone (the
-    record's seed and image count), so records written before it existed get it too."""
-    scenes = world.sample_scenes(samples["images"], samples["seed"])
+    record's seed and image count, drawn again unless ``scenes`` are given), so records written before it
+    existed get it too."""
+    if scenes is None:
+        scenes = world.sample_scenes(samples["images"], samples["seed"])
     total, per_count = 0.0, {}
     for i in range(len(scenes)):
         wanted = scenes.objects(i)

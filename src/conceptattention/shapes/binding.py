@@ -24,6 +24,8 @@ differ between the two bindings better than the swapped one (chance 50%).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import world
@@ -40,7 +42,7 @@ def two_object_scenes(n: int, seed: int) -> world.Scenes:
 
 def with_shapes(scenes: world.Scenes, shape: torch.Tensor) -> world.Scenes:
     """The same scenes with other shapes; their captions keep word order and phrasing (from ``caption_u``)."""
-    return world.Scenes(**{**{name: getattr(scenes, name) for name in scenes.__dataclass_fields__}, "shape": shape})
+    return dataclasses.replace(scenes, shape=shape)
 
 
 def swap_shapes(scenes: world.Scenes) -> world.Scenes:
@@ -78,7 +80,7 @@ def binding(model: ShapesModel, scenes: world.Scenes, ts: list[float], samples: 
     device = next(model.parameters()).device
     out = {}
     for t_value in ts:
-        prefers, by_swap, by_word = [], 0.0, 0.0
+        prefers, by_swap, by_word = [], [], []
         for s in range(samples):
             for start in range(0, len(scenes), batch):
                 sl = slice(start, start + batch)
@@ -88,8 +90,9 @@ def binding(model: ShapesModel, scenes: world.Scenes, ts: list[float], samples: 
                 true, swapped, other = (x_t - t_value * model.velocity(x_t, t, *model.encode_text(caps[sl])).float()
                                         for caps in captions)
                 errors = [((p - clean).pow(2) * mask).sum((1, 2)) for p in (true, swapped)]
-                prefers.append((errors[0] < errors[1]).cpu())
-                by_swap += (true - swapped).pow(2).sum().item()
-                by_word += (true - other).pow(2).sum().item()
-        out[f"{t_value:g}"] = {"order": by_swap / by_word, "prefers": torch.cat(prefers).float().mean().item()}
+                prefers.append(errors[0] < errors[1])
+                by_swap.append((true - swapped).pow(2).sum())
+                by_word.append((true - other).pow(2).sum())
+        order = torch.stack(by_swap).sum() / torch.stack(by_word).sum()  # one host sync per noise level
+        out[f"{t_value:g}"] = {"order": order.item(), "prefers": torch.cat(prefers).float().mean().item()}
     return out
