@@ -128,6 +128,8 @@ def main() -> None:
     p.add_argument("--colorless-rate", type=float, default=0.0, help="share of captions without colour words")
     p.add_argument("--multi-object-rate", type=float, default=0.0, help="share of each batch asking for 2-3 objects")
     p.add_argument("--text-positions", action="store_true", help="prompt tokens get RoPE positions in word order")
+    p.add_argument("--text-neighbours", action="store_true",
+                   help="prompt tokens add learned maps of the words beside them (ShapesModel.mix_text_neighbours)")
     p.add_argument("--prediction", choices=PREDICTIONS, default="",
                    help="what the transformer outputs (default: the weights' own; velocity from scratch)")
     for name in ("patch", "layers", "single-layers", "heads", "head-dim", "text-layers"):
@@ -159,7 +161,7 @@ def main() -> None:
     cfg = TrainConfig(batch=a.batch, lr=a.lr, warmup=a.warmup, seed=a.seed, init_from=a.init_from,
                       object_weight=a.object_weight, t_uniform=a.t_uniform, prediction=a.prediction, patch=repatch,
                       colorless_rate=a.colorless_rate, multi_object_rate=a.multi_object_rate, drop_text_mixing=unmix,
-                      text_positions=a.text_positions,
+                      text_positions=a.text_positions, text_neighbours=a.text_neighbours,
                       bf16=use_bf16(a.precision, a.device), log_every=50, checkpoint_every=10**9)
     per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, model_cfg, a.device,
                                 max(2, a.probe_steps))

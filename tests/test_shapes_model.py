@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from conceptattention import ConceptAttentionError
 from conceptattention.cli import app
 from conceptattention.pipelines.shapes import ShapesPipeline
-from conceptattention.shapes.model import ShapesConfig, ShapesModel, pack, tokenize, unpack
+from conceptattention.shapes.model import WORD_TO_ID, ShapesConfig, ShapesModel, pack, tokenize, unpack
 from conceptattention.shapes.train import TrainConfig, batch_loss, train
 
 TINY = ShapesConfig(text_dim=32, text_layers=1, text_heads=2, num_layers=3, num_single_layers=1,
@@ -623,6 +623,61 @@ def test_cli_trains_with_text_positions_and_the_result_reloads_and_generates(tin
     assert ShapesModel.load(old).config.text_positions is False
 
 
+def test_text_neighbours_start_as_a_no_op_and_then_add_the_maps_of_the_words_beside_each_token():
+    torch.manual_seed(0)
+    model = ShapesModel(replace(TINY, text_layers=0)).eval()  # a token is its word and position, then the norm
+    captions = ["a red circle and a blue square", "circle"]
+    with torch.no_grad():
+        plain, plain_pooled = model.encode_text(captions)
+        model.mix_text_neighbours()
+        zero, zero_pooled = model.encode_text(captions)
+    assert model.config.text_neighbours and model.text_encoder.config.text_neighbours
+    assert torch.equal(plain, zero) and torch.equal(plain_pooled, zero_pooled)  # the maps start at zero
+    enc = model.text_encoder
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        enc.before.weight.copy_(torch.randn(enc.before.weight.shape, generator=g) * 0.1)
+        enc.after.weight.copy_(torch.randn(enc.after.weight.shape, generator=g) * 0.1)
+        tokens, _ = model.encode_text(captions)
+        concepts = model.encode_concepts(["circle", "red"])
+        e, pos = enc.embed.weight, enc.position
+        ids = [WORD_TO_ID[w] for w in captions[0].split()]
+        for i, word in enumerate(ids):  # each word by hand: itself, its position, the maps of its neighbours
+            x = e[word] + pos[i]
+            if i > 0:
+                x = x + enc.before.weight @ e[ids[i - 1]]
+            if i + 1 < len(ids):
+                x = x + enc.after.weight @ e[ids[i + 1]]
+            torch.testing.assert_close(tokens[0, i], enc.norm(x))
+        # padding neither lends nor borrows; a word alone (a concept) has no neighbours
+        torch.testing.assert_close(tokens[0, len(ids):], plain[0, len(ids):])
+        torch.testing.assert_close(tokens[1], plain[1])
+        torch.testing.assert_close(concepts[0], plain[1, 0])
+        assert (tokens[0, :len(ids)] - plain[0, :len(ids)]).abs().amax() > 1e-2
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model.mix_text_neighbours()  # a model that has them keeps them
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_cli_trains_with_text_neighbours_and_the_result_reloads_and_generates(tiny_dir, tmp_path):
+    out = tmp_path / "n"
+    r = train_briefly(out, "--init-from", str(tiny_dir), "--text-neighbours")
+    assert r.exit_code == 0, r.output
+    assert run_meta(out)["config"]["text_neighbours"] is True
+    loaded = ShapesModel.load(out / "weights")
+    assert loaded.config.text_neighbours and loaded.text_encoder.before.weight.abs().amax() > 0  # trained
+    assert generate_briefly(out, tmp_path / "gen").exit_code == 0
+    r = CliRunner().invoke(app, ["train-shapes", "--out", str(out), "--text-neighbours", "--quiet"])
+    assert r.exit_code == 2 and "keeps its own text encoder" in r.output
+    meta = json.loads((tiny_dir / "config.json").read_text())  # weights saved before the option existed
+    meta["config"].pop("text_neighbours")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps(meta))
+    (old / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    assert ShapesModel.load(old).config.text_neighbours is False
+
+
 def test_binding_measure_is_zero_for_a_bag_of_words_model_and_sees_word_order_otherwise():
     from conceptattention.shapes import world
     from conceptattention.shapes.binding import binding, swap_shapes, third_shape, two_object_scenes, with_shapes
@@ -654,6 +709,13 @@ def test_binding_measure_is_zero_for_a_bag_of_words_model_and_sees_word_order_ot
     model.order_text_positions()
     seen = binding(model, scenes, [0.5, 0.9], samples=1)
     assert all(r["order"] > 1e-3 and 0 <= r["prefers"] <= 1 for r in seen.values()), seen
+    # or through maps of the neighbouring words, with zero ids and no position embeddings
+    blind_again = ShapesModel(replace(TINY, text_layers=0)).eval()
+    with torch.no_grad():
+        blind_again.text_encoder.position.zero_()
+        blind_again.mix_text_neighbours()
+        blind_again.text_encoder.before.weight.normal_(std=0.1)
+    assert all(r["order"] > 1e-3 for r in binding(blind_again, scenes, [0.5, 0.9], samples=1).values())
     same = with_shapes(scenes, torch.zeros_like(scenes.shape))  # two circles: a swap changes nothing
     with pytest.raises(ValueError, match="two objects of different shapes"):
         binding(model, same, [0.5])

@@ -203,6 +203,10 @@ def train_shapes(
     text_positions: bool = typer.Option(
         False, "--text-positions", help="give prompt tokens RoPE positions in word order (Flux passes zeros), so the "
         "transformer can bind a word to its neighbour by relative position; from scratch or --init-from weights"),
+    text_neighbours: bool = typer.Option(
+        False, "--text-neighbours", help="let each prompt token add learned maps of the words just before and after "
+        "it, so 'circle' in 'a red circle' carries its colour (starting at zero; concepts encoded alone are "
+        "unaffected); from scratch or --init-from weights"),
     prediction: Optional[str] = typer.Option(
         None, help="what the transformer outputs: 'velocity' (as in Flux) or 'sample' (the clean image); with "
         "--init-from a change retrains the output head (default: the weights' own, velocity from scratch)"),
@@ -257,7 +261,10 @@ def train_shapes(
     if text_positions and resuming:
         _fail(ConceptAttentionError(
             f"{out} holds a checkpoint, which keeps its own text positions; drop --text-positions or use a new --out"))
-    cfg = replace(cfg, text_positions=text_positions)
+    if text_neighbours and resuming:
+        _fail(ConceptAttentionError(
+            f"{out} holds a checkpoint, which keeps its own text encoder; drop --text-neighbours or use a new --out"))
+    cfg = replace(cfg, text_positions=text_positions, text_neighbours=text_neighbours)
     if prediction is not None and resuming:
         _fail(ConceptAttentionError(
             f"{out} holds a checkpoint, whose weights fix what the model predicts; drop --prediction or use a new --out"))

@@ -100,6 +100,10 @@ class ShapesConfig:
     #: attention between prompt words sees their relative order (False: zeros, as Flux's pipelines pass).
     #: Concept tokens stay at position 0 either way, as in the paper.
     text_positions: bool = False
+    #: Each prompt token also adds learned linear maps of the word embeddings just before and just after it
+    #: (padding neither gives nor takes), so "circle" in "a red circle" carries its colour and "red" its shape. A
+    #: word encoded alone has no neighbours and is encoded as without them (:meth:`ShapesModel.mix_text_neighbours`).
+    text_neighbours: bool = False
 
     def __post_init__(self) -> None:
         check_prediction(self.prediction)
@@ -180,9 +184,28 @@ class ShapesTextEncoder(nn.Module):
             )
             self.layers = nn.TransformerEncoder(layer, config.text_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.text_dim)
+        self.before = self.after = None
+        if config.text_neighbours:
+            self.add_neighbours()
+
+    def add_neighbours(self) -> None:
+        """Create the maps of the previous and next word (zero: the encoder starts as it was)."""
+        d = self.config.text_dim
+        device = self.embed.weight.device
+        self.before = nn.Linear(d, d, bias=False, device=device)
+        self.after = nn.Linear(d, d, bias=False, device=device)
+        nn.init.zeros_(self.before.weight)
+        nn.init.zeros_(self.after.weight)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.embed(ids) + self.position[: ids.shape[1]]
+        words = self.embed(ids)
+        x = words + self.position[: ids.shape[1]]
+        if self.before is not None:  # padding neither lends to its neighbours nor borrows from them
+            real = (ids != 0).unsqueeze(-1).to(words.dtype)
+            words = words * real
+            beside = self.before(nn.functional.pad(words[:, :-1], (0, 0, 1, 0)))
+            beside = beside + self.after(nn.functional.pad(words[:, 1:], (0, 0, 0, 1)))
+            x = x + beside * real
         tokens = self.norm(self.layers(x))
         real = (ids != 0).unsqueeze(-1).to(tokens.dtype)
         pooled = (tokens * real).sum(1) / real.sum(1).clamp(min=1.0)
@@ -339,6 +362,16 @@ class ShapesModel(nn.Module):
         text-to-text attention instead of something learnt from absolute position embeddings. No weight
         changes; fine-tuning adapts the model to the new inputs."""
         self._reconfigure(text_positions=True)
+
+    def mix_text_neighbours(self) -> None:
+        """From now on let each prompt token add maps of its neighbouring words (``text_neighbours``), so that
+        binding a colour to its shape is something a token carries, not a relation the transformer must find
+        from word positions. The maps start at zero, so the model is unchanged until fine-tuning moves them;
+        concepts encoded alone never see them. A model that has them is left as it is."""
+        if self.config.text_neighbours:
+            return
+        self.text_encoder.add_neighbours()
+        self._reconfigure(text_neighbours=True)
 
     def _changed_config(self, **changes) -> ShapesConfig:
         return ShapesConfig(**{**asdict(self.config), **changes})

@@ -52,6 +52,7 @@ class TrainConfig:
     patch: int = 0  # with init_from: re-patch those weights to this patch size (ShapesModel.repatch; 0: keep)
     drop_text_mixing: bool = False  # remove the text encoder's layers before training (ShapesModel.drop_text_mixing)
     text_positions: bool = False  # give prompt tokens RoPE positions before training (ShapesConfig.text_positions)
+    text_neighbours: bool = False  # let prompt tokens add their neighbouring words (ShapesConfig.text_neighbours)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -195,6 +196,9 @@ def train(
     if state is None and cfg.text_positions:
         model.order_text_positions()
         model_cfg = model.config
+    if state is None and cfg.text_neighbours:
+        model.mix_text_neighbours()
+        model_cfg = model.config
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if dev.type == "cuda" and not cfg.bf16:
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 weights, TF32 matrix products
@@ -281,6 +285,8 @@ def main() -> None:
     p.add_argument("--multi-object-rate", type=float, default=TrainConfig.multi_object_rate)
     p.add_argument("--drop-text-mixing", action="store_true", help="remove the text encoder's transformer layers")
     p.add_argument("--text-positions", action="store_true", help="give prompt tokens RoPE positions (word order)")
+    p.add_argument("--text-neighbours", action="store_true",
+                   help="let each prompt token add maps of the words beside it (colour-shape binding)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -294,7 +300,8 @@ def main() -> None:
                       object_weight=a.object_weight, t_uniform=a.t_uniform, bf16=bf16,
                       prediction=a.prediction, patch=a.patch, colorless_rate=a.colorless_rate,
                       multi_object_rate=a.multi_object_rate,
-                      drop_text_mixing=a.drop_text_mixing, text_positions=a.text_positions)
+                      drop_text_mixing=a.drop_text_mixing, text_positions=a.text_positions,
+                      text_neighbours=a.text_neighbours)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 
 
