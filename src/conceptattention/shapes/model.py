@@ -12,8 +12,9 @@ a far smaller set and passes through it (Li & He 2025, "Back to Basics: Let Deno
 Denoise"). The ConceptAttention code path does not depend on the choice: it reads the attention inside.
 
 The text encoder maps each word of a fixed vocabulary to a learned vector, adds a learned position
-and runs ``text_layers`` small transformer layers (two by default; none in a model whose mixing was
-dropped, :meth:`ShapesModel.drop_text_mixing`); its outputs are the prompt tokens (``joint_attention_dim``)
+(and, with ``text_neighbours``, learned maps of the words just before and after it,
+:meth:`ShapesModel.mix_text_neighbours`) and runs ``text_layers`` small transformer layers (two by
+default; none in a model whose mixing was dropped, :meth:`ShapesModel.drop_text_mixing`); its outputs are the prompt tokens (``joint_attention_dim``)
 and their mean over real words is the pooled vector. There is no start token, so a word encoded
 alone sits at position 0 and its first output is its concept embedding, as with T5 in the paper.
 """
