@@ -39,6 +39,16 @@ def generate_briefly(model: Path, out: Path):
                                     "--steps", "2", "--out", str(out), "--quiet"])
 
 
+def saved_without(weights: Path, field: str, out: Path) -> Path:
+    """A copy of ``weights`` whose config lacks ``field``, as weights saved before that field existed."""
+    meta = json.loads((weights / "config.json").read_text())
+    meta["config"].pop(field)
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(meta))
+    (out / "model.safetensors").write_bytes((weights / "model.safetensors").read_bytes())
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     torch.manual_seed(0)
@@ -614,13 +624,7 @@ def test_cli_trains_with_text_positions_and_the_result_reloads_and_generates(tin
     r = runner.invoke(app, ["train-shapes", "--out", str(out), "--text-positions", "--quiet"])
     assert r.exit_code == 2 and "keeps its own text positions" in r.output
     # weights saved before the option existed load with Flux's zero ids
-    meta = json.loads((tiny_dir / "config.json").read_text())
-    meta["config"].pop("text_positions")
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "config.json").write_text(json.dumps(meta))
-    (old / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
-    assert ShapesModel.load(old).config.text_positions is False
+    assert ShapesModel.load(saved_without(tiny_dir, "text_positions", tmp_path / "old")).config.text_positions is False
 
 
 def test_text_neighbours_start_as_a_no_op_and_then_add_the_maps_of_the_words_beside_each_token():
@@ -669,12 +673,7 @@ def test_cli_trains_with_text_neighbours_and_the_result_reloads_and_generates(ti
     assert generate_briefly(out, tmp_path / "gen").exit_code == 0
     r = CliRunner().invoke(app, ["train-shapes", "--out", str(out), "--text-neighbours", "--quiet"])
     assert r.exit_code == 2 and "keeps its own text encoder" in r.output
-    meta = json.loads((tiny_dir / "config.json").read_text())  # weights saved before the option existed
-    meta["config"].pop("text_neighbours")
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "config.json").write_text(json.dumps(meta))
-    (old / "model.safetensors").write_bytes((tiny_dir / "model.safetensors").read_bytes())
+    old = saved_without(tiny_dir, "text_neighbours", tmp_path / "old")  # weights saved before the option existed
     assert ShapesModel.load(old).config.text_neighbours is False
 
 

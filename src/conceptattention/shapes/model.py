@@ -200,15 +200,15 @@ class ShapesTextEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         words = self.embed(ids)
+        real = (ids != 0).unsqueeze(-1).to(words.dtype)
         x = words + self.position[: ids.shape[1]]
         if self.before is not None:  # padding neither lends to its neighbours nor borrows from them
-            real = (ids != 0).unsqueeze(-1).to(words.dtype)
             words = words * real
             beside = self.before(nn.functional.pad(words[:, :-1], (0, 0, 1, 0)))
             beside = beside + self.after(nn.functional.pad(words[:, 1:], (0, 0, 0, 1)))
             x = x + beside * real
         tokens = self.norm(self.layers(x))
-        real = (ids != 0).unsqueeze(-1).to(tokens.dtype)
+        real = real.to(tokens.dtype)
         pooled = (tokens * real).sum(1) / real.sum(1).clamp(min=1.0)
         return tokens, pooled
 
