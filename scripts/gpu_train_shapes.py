@@ -130,6 +130,8 @@ def main() -> None:
     p.add_argument("--text-positions", action="store_true", help="prompt tokens get RoPE positions in word order")
     p.add_argument("--text-neighbours", action="store_true",
                    help="prompt tokens add learned maps of the words beside them (ShapesModel.mix_text_neighbours)")
+    p.add_argument("--drop-next-word", action="store_true",
+                   help="keep only the map of the word before each prompt token (ShapesModel.drop_next_word)")
     p.add_argument("--prediction", choices=PREDICTIONS, default="",
                    help="what the transformer outputs (default: the weights' own; velocity from scratch)")
     for name in ("patch", "layers", "single-layers", "heads", "head-dim", "text-layers"):
@@ -162,6 +164,7 @@ def main() -> None:
                       object_weight=a.object_weight, t_uniform=a.t_uniform, prediction=a.prediction, patch=repatch,
                       colorless_rate=a.colorless_rate, multi_object_rate=a.multi_object_rate, drop_text_mixing=unmix,
                       text_positions=a.text_positions, text_neighbours=a.text_neighbours,
+                      drop_next_word=a.drop_next_word,
                       bf16=use_bf16(a.precision, a.device), log_every=50, checkpoint_every=10**9)
     per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, model_cfg, a.device,
                                 max(2, a.probe_steps))

@@ -677,6 +677,63 @@ def test_cli_trains_with_text_neighbours_and_the_result_reloads_and_generates(ti
     assert ShapesModel.load(old).config.text_neighbours is False
 
 
+def test_drop_next_word_keeps_the_previous_words_map_so_only_the_shape_word_carries_the_binding():
+    torch.manual_seed(0)
+    model = ShapesModel(replace(TINY, text_layers=0)).eval()
+    model.mix_text_neighbours()
+    enc = model.text_encoder
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        enc.before.weight.copy_(torch.randn(enc.before.weight.shape, generator=g) * 0.1)
+        enc.after.weight.copy_(torch.randn(enc.after.weight.shape, generator=g) * 0.1)
+    kept = enc.before.weight.clone()
+    model.drop_next_word()
+    assert model.config.text_next_word is False and model.text_encoder.config.text_next_word is False
+    assert enc.after is None and torch.equal(enc.before.weight, kept)
+    assert not any(".after." in k for k in model.state_dict())
+    captions = ["a red circle and a blue square", "a red square and a blue circle", "a blue circle and a red square",
+                "circle"]
+    with torch.no_grad():
+        tokens, _ = model.encode_text(captions)
+        concepts = model.encode_concepts(["circle"])
+        e, pos = enc.embed.weight, enc.position
+        ids = [WORD_TO_ID[w] for w in captions[0].split()]
+        for i, word in enumerate(ids):  # by hand: the word, its position and the map of the word before it only
+            x = e[word] + pos[i] + (kept @ e[ids[i - 1]] if i > 0 else 0)
+            torch.testing.assert_close(tokens[0, i], enc.norm(x))
+    # "red" no longer depends on the shape after it; "circle" still depends on the colour before it
+    torch.testing.assert_close(tokens[0, 1], tokens[1, 1])
+    assert (tokens[0, 2] - tokens[2, 2]).abs().amax() > 1e-2
+    torch.testing.assert_close(concepts[0], tokens[3, 0])  # a word alone has no neighbours
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model.drop_next_word()  # a model without the next word's map is left as it is
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    fresh = ShapesModel(replace(TINY, text_layers=0))  # a model without maps gets the previous word's, at zero
+    fresh.drop_next_word()
+    assert fresh.config.text_neighbours and fresh.text_encoder.after is None
+    assert not fresh.text_encoder.before.weight.any()
+
+
+def test_cli_trains_with_drop_next_word_and_the_result_reloads_and_generates(tiny_dir, tmp_path):
+    out = tmp_path / "d"
+    r = train_briefly(out, "--init-from", str(tiny_dir), "--drop-next-word")
+    assert r.exit_code == 0, r.output
+    meta = run_meta(out)["config"]
+    assert meta["text_neighbours"] is True and meta["text_next_word"] is False
+    loaded = ShapesModel.load(out / "weights")
+    assert loaded.text_encoder.after is None and loaded.text_encoder.before.weight.abs().amax() > 0  # trained
+    assert generate_briefly(out, tmp_path / "gen").exit_code == 0
+    r = CliRunner().invoke(app, ["train-shapes", "--out", str(out), "--drop-next-word", "--quiet"])
+    assert r.exit_code == 2 and "keeps its own text encoder" in r.output
+    # weights saved with both maps before the option existed keep both
+    both = tmp_path / "both"
+    model = ShapesModel.load(tiny_dir)
+    model.mix_text_neighbours()
+    model.save(both)
+    old = saved_without(both, "text_next_word", tmp_path / "old")
+    assert ShapesModel.load(old).text_encoder.after is not None
+
+
 def test_binding_measure_is_zero_for_a_bag_of_words_model_and_sees_word_order_otherwise():
     from conceptattention.shapes import world
     from conceptattention.shapes.binding import binding, swap_shapes, third_shape, two_object_scenes, with_shapes

@@ -207,6 +207,10 @@ def train_shapes(
         False, "--text-neighbours", help="let each prompt token add learned maps of the words just before and after "
         "it, so 'circle' in 'a red circle' carries its colour (starting at zero; concepts encoded alone are "
         "unaffected); from scratch or --init-from weights"),
+    drop_next_word: bool = typer.Option(
+        False, "--drop-next-word", help="keep only the map of the word before each prompt token (adding the maps "
+        "if the model has none): 'circle' carries its colour, 'red' no longer its shape, so image tokens must read "
+        "their shape word; from scratch or --init-from weights"),
     prediction: Optional[str] = typer.Option(
         None, help="what the transformer outputs: 'velocity' (as in Flux) or 'sample' (the clean image); with "
         "--init-from a change retrains the output head (default: the weights' own, velocity from scratch)"),
@@ -264,7 +268,10 @@ def train_shapes(
     if text_neighbours and resuming:
         _fail(ConceptAttentionError(
             f"{out} holds a checkpoint, which keeps its own text encoder; drop --text-neighbours or use a new --out"))
-    cfg = replace(cfg, text_positions=text_positions, text_neighbours=text_neighbours)
+    if drop_next_word and resuming:
+        _fail(ConceptAttentionError(
+            f"{out} holds a checkpoint, which keeps its own text encoder; drop --drop-next-word or use a new --out"))
+    cfg = replace(cfg, text_positions=text_positions, text_neighbours=text_neighbours, drop_next_word=drop_next_word)
     if prediction is not None and resuming:
         _fail(ConceptAttentionError(
             f"{out} holds a checkpoint, whose weights fix what the model predicts; drop --prediction or use a new --out"))

@@ -107,9 +107,12 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
                      if any(s["train_config"].get("object_weight", 1.0) != 1.0 for s in stages) else "")
     text_layers = (f"{cfg['text_layers']} transformer layers" if cfg.get("text_layers", 2) else
                    "no mixing layers (a prompt token is its word's embedding plus its position, normalised)")
-    if cfg.get("text_neighbours"):
+    if cfg.get("text_neighbours") and cfg.get("text_next_word", True):
         text_layers += ("; each prompt word also adds learned linear maps of the words just before and after it "
                         "(`--text-neighbours`; a concept encoded alone has none)")
+    elif cfg.get("text_neighbours"):
+        text_layers += ("; each prompt word also adds a learned linear map of the word just before it "
+                        "(`--drop-next-word`: a shape word carries its colour; a concept encoded alone has none)")
     text_positions = ("word index on the first id axis (`--text-positions`), concepts at 0" if cfg.get("text_positions")
                       else "zeros, as Flux's pipelines pass them")
     text = f"""# The shapes model

@@ -105,6 +105,10 @@ class ShapesConfig:
     #: (padding neither gives nor takes), so "circle" in "a red circle" carries its colour and "red" its shape. A
     #: word encoded alone has no neighbours and is encoded as without them (:meth:`ShapesModel.mix_text_neighbours`).
     text_neighbours: bool = False
+    #: With ``text_neighbours``, whether a prompt token also adds the map of the word *after* it. False keeps
+    #: only the word before: "circle" in "a red circle" still carries its colour but "red" no longer carries its
+    #: shape, so an image token that needs its shape must read the shape word (:meth:`ShapesModel.drop_next_word`).
+    text_next_word: bool = True
 
     def __post_init__(self) -> None:
         check_prediction(self.prediction)
@@ -190,13 +194,16 @@ class ShapesTextEncoder(nn.Module):
             self.add_neighbours()
 
     def add_neighbours(self) -> None:
-        """Create the maps of the previous and next word (zero: the encoder starts as it was)."""
+        """Create the maps of the previous and (``text_next_word``) the next word (zero: the encoder starts as it
+        was)."""
         d = self.config.text_dim
         device = self.embed.weight.device
         self.before = nn.Linear(d, d, bias=False, device=device)
-        self.after = nn.Linear(d, d, bias=False, device=device)
         nn.init.zeros_(self.before.weight)
-        nn.init.zeros_(self.after.weight)
+        self.after = None
+        if self.config.text_next_word:
+            self.after = nn.Linear(d, d, bias=False, device=device)
+            nn.init.zeros_(self.after.weight)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         words = self.embed(ids)
@@ -205,7 +212,8 @@ class ShapesTextEncoder(nn.Module):
         if self.before is not None:  # padding neither lends to its neighbours nor borrows from them
             words = words * real
             beside = self.before(nn.functional.pad(words[:, :-1], (0, 0, 1, 0)))
-            beside = beside + self.after(nn.functional.pad(words[:, 1:], (0, 0, 0, 1)))
+            if self.after is not None:
+                beside = beside + self.after(nn.functional.pad(words[:, 1:], (0, 0, 0, 1)))
             x = x + beside * real
         tokens = self.norm(self.layers(x))
         real = real.to(tokens.dtype)
@@ -373,6 +381,19 @@ class ShapesModel(nn.Module):
             return
         self.text_encoder.add_neighbours()
         self._reconfigure(text_neighbours=True)
+
+    def drop_next_word(self) -> None:
+        """Keep only the map of the word *before* each prompt token (``text_next_word`` becomes False; neighbour
+        maps are added first if the model has none). The binding then lives in the shape word, which carries its
+        colour, and no longer in the colour word: an image token, which sees its own colour early, must read its
+        shape word to learn its shape, and that read is what ConceptAttention's shape maps match. The map of the
+        previous word is kept as trained; the model changes until fine-tuning adapts it. A model without the
+        map of the next word is left as it is."""
+        self.mix_text_neighbours()
+        if not self.config.text_next_word:
+            return
+        self.text_encoder.after = None
+        self._reconfigure(text_next_word=False)
 
     def _changed_config(self, **changes) -> ShapesConfig:
         return ShapesConfig(**{**asdict(self.config), **changes})

@@ -53,6 +53,7 @@ class TrainConfig:
     drop_text_mixing: bool = False  # remove the text encoder's layers before training (ShapesModel.drop_text_mixing)
     text_positions: bool = False  # give prompt tokens RoPE positions before training (ShapesConfig.text_positions)
     text_neighbours: bool = False  # let prompt tokens add their neighbouring words (ShapesConfig.text_neighbours)
+    drop_next_word: bool = False  # keep only the previous word's map (ShapesModel.drop_next_word)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -199,6 +200,9 @@ def train(
     if state is None and cfg.text_neighbours:
         model.mix_text_neighbours()
         model_cfg = model.config
+    if state is None and cfg.drop_next_word:
+        model.drop_next_word()
+        model_cfg = model.config
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if dev.type == "cuda" and not cfg.bf16:
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 weights, TF32 matrix products
@@ -287,6 +291,8 @@ def main() -> None:
     p.add_argument("--text-positions", action="store_true", help="give prompt tokens RoPE positions (word order)")
     p.add_argument("--text-neighbours", action="store_true",
                    help="let each prompt token add maps of the words beside it (colour-shape binding)")
+    p.add_argument("--drop-next-word", action="store_true",
+                   help="keep only the map of the word before each prompt token (the shape word carries the binding)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -301,7 +307,7 @@ def main() -> None:
                       prediction=a.prediction, patch=a.patch, colorless_rate=a.colorless_rate,
                       multi_object_rate=a.multi_object_rate,
                       drop_text_mixing=a.drop_text_mixing, text_positions=a.text_positions,
-                      text_neighbours=a.text_neighbours)
+                      text_neighbours=a.text_neighbours, drop_next_word=a.drop_next_word)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 
 
