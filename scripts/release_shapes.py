@@ -17,7 +17,8 @@ shipped config.json's records and the released run's held-out report, RUN/heldou
 The stages file lists every training stage in order, the released one last; each stage is
 ``{"run": DIR, "command": "...", "hardware": "...", "note": "..."}`` where DIR holds the run's
 ``weights/`` and ``log.jsonl`` (a stage trained on a lent GPU is brought back with
-``scripts/gpu_train_shapes.py --join``).
+``scripts/gpu_train_shapes.py --join``). An earlier stage whose directory is gone (runs/ is not in git) is
+taken from the shipped config.json, which records every stage with up to 100 points of its loss log.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 from conceptattention.pipelines.shapes import WEIGHTS_DIR, ShapesPipeline
 from conceptattention.shapes import benchmark
-from conceptattention.shapes.card import stage_record, write_card
+from conceptattention.shapes.card import recorded_stages, stage_record, write_card
 
 LAYER_CANDIDATES = ([0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [2, 3, 4, 5], [3, 4, 5], [2, 3, 4], [4], [5])
 GUIDANCE_CANDIDATES = (4.0, 6.0, 8.0)  # every pair with every shift is tried
@@ -51,14 +52,8 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(2)
     listed = json.loads(a.stages.read_text())
-    for stage in listed:
-        missing = [name for name in ("weights/model.safetensors", "weights/config.json", "log.jsonl")
-                   if not (Path(stage["run"]) / name).is_file()]
-        if missing:
-            raise SystemExit(f"stage {stage['run']} lacks {', '.join(missing)}")
     run = Path(listed[-1]["run"])
-    stages = [stage_record(Path(st["run"]), st["command"], st.get("note", ""), st.get("hardware", ""))
-              for st in listed]
+    stages = gather_stages(listed)
     if a.card_only:
         rewrite_card(run, stages)
         return
@@ -93,6 +88,25 @@ def main() -> None:
     (WEIGHTS_DIR / "config.json").write_text(json.dumps(meta, indent=2))
     write_card(WEIGHTS_DIR, stages, report, validation, "(not recorded)")
     print((run / "heldout" / "shapes_benchmark.md").read_text())
+
+
+def gather_stages(listed: list[dict]) -> list[dict]:
+    """Each listed stage's record from its run directory; an earlier stage whose run directory is gone (a new
+    checkout: runs/ is not in git) is taken from the shipped config.json's record of the same stage instead."""
+    shipped = recorded_stages(WEIGHTS_DIR)
+    stages = []
+    for i, stage in enumerate(listed):
+        missing = [name for name in ("weights/model.safetensors", "weights/config.json", "log.jsonl")
+                   if not (Path(stage["run"]) / name).is_file()]
+        if not missing:
+            stages.append(stage_record(Path(stage["run"]), stage["command"], stage.get("note", ""),
+                                       stage.get("hardware", "")))
+        elif i < len(listed) - 1 and i < len(shipped) and shipped[i]["command"] == stage["command"]:
+            stages.append({**shipped[i], "note": stage.get("note", ""), "hardware": stage.get("hardware", "")})
+        else:
+            raise SystemExit(f"stage {stage['run']} lacks {', '.join(missing)}, and the shipped config.json records no "
+                             f"stage {i + 1} with that command (the released stage itself must be present)")
+    return stages
 
 
 def rewrite_card(run: Path, stages: list[dict]) -> None:

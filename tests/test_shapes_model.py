@@ -327,6 +327,66 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
         assert f"shape pick and colour pick; the guidance and {says}" in card
 
 
+def test_recorded_stages_give_the_card_a_loss_log_without_the_run_directories(tiny_dir, tmp_path):
+    import shutil
+
+    from conceptattention.shapes.card import loss_points, recorded_stages, stage_record, write_card
+
+    log = [{"step": s, "loss": 1.0 / s, "seconds": s} for s in range(1, 252)]
+    points = loss_points(log, most=100)  # every third record, and the last
+    assert [p[0] for p in points] == list(range(1, 252, 3)) + [251] and points[1] == [4, 0.25]
+    assert loss_points([]) == []
+    runs = []
+    for i, steps in enumerate((40, 20)):
+        run = tmp_path / f"run{i}"
+        (run / "weights").mkdir(parents=True)
+        (run / "weights" / "config.json").write_text(json.dumps({"config": {}, "steps": steps, "train_config": {}}))
+        (run / "weights" / "model.safetensors").write_bytes(b"")  # present (only the release script looks)
+        (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "seconds": 6.0 * s})
+                                                  for s in range(10, steps + 1, 10)))
+        runs.append(stage_record(run, f"train-shapes --out run{i}"))
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_dir, weights)
+    maps = {"images": 1, "seed": 7, "layers": [1], "t": 0.5, "samples": 1, "concepts": ["circle"],
+            "readouts": {"concept_attention": {"pixel_accuracy": 0.5, "miou": 0.4, "paper_compatible_miou": 0.3,
+                                               "map": 0.6, "shape_pick": 0.7}}}
+    write_card(weights, runs, {"maps": maps, "samples": None}, {"seed": 1}, "a test machine")
+    meta = json.loads((weights / "config.json").read_text())
+    meta["stages"] = [{k: v for k, v in st.items() if k != "log"} for st in runs]  # as release_shapes.py stores them
+    (weights / "config.json").write_text(json.dumps(meta))
+    again = recorded_stages(weights)
+    assert [st["loss_points"] for st in again] == [[[10, 0.1], [20, 0.05], [30, 0.033333], [40, 0.025]],
+                                                   [[10, 0.1], [20, 0.05]]]
+    assert again[1]["log"][1] == {"step": 20, "loss": 0.05} and again[0]["command"] == "train-shapes --out run0"
+    # stages released before loss points were kept: the card's loss table, split at the stage boundaries
+    for st in meta["stages"]:
+        del st["loss_points"]
+    (weights / "config.json").write_text(json.dumps(meta))
+    from_card = recorded_stages(weights)  # the card lists every log line here, and the last one twice
+    assert [st["loss_points"] for st in from_card] == [[[10, 0.1], [20, 0.05], [30, 0.0333], [40, 0.025]],
+                                                       [[10, 0.1], [20, 0.05], [20, 0.05]]]
+    write_card(weights, from_card, {"maps": maps, "samples": None}, {"seed": 1}, "a test machine")  # redraws
+
+    # scripts/release_shapes.py: a listed stage whose run directory is gone comes from the shipped record
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "release_shapes.py"
+    spec = importlib.util.spec_from_file_location("release_shapes", path)
+    release = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(release)
+    release.WEIGHTS_DIR = weights
+    shutil.rmtree(tmp_path / "run0")
+    listed = [{"run": str(tmp_path / f"run{i}"), "command": f"train-shapes --out run{i}", "note": f"n{i}"} for i in (0, 1)]
+    gathered = release.gather_stages(listed)
+    assert gathered[0]["loss_points"] == from_card[0]["loss_points"] and gathered[0]["note"] == "n0"
+    assert gathered[1]["log"] == runs[1]["log"] and gathered[1]["note"] == "n1"  # read from its run directory
+    with pytest.raises(SystemExit, match="records no stage 1 with that command"):
+        release.gather_stages([{**listed[0], "command": "something else"}, listed[1]])
+    shutil.rmtree(tmp_path / "run1")
+    with pytest.raises(SystemExit, match="the released stage itself must be present"):
+        release.gather_stages(listed)
+
+
 def test_choose_sampler_searches_the_whole_grid_and_resumes_from_its_cache(tiny_dir, tmp_path, monkeypatch):
     from conceptattention.shapes import benchmark
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -39,6 +40,21 @@ def training_minutes(log: list[dict]) -> float:
     return (total + last) / 60
 
 
+#: Most points of a stage's loss log that its record in the shipped config.json keeps (``loss_points``), so
+#: that a later release can draw the loss curve without the stage's run directory.
+LOSS_POINTS = 100
+
+
+def loss_points(log: list[dict], most: int = LOSS_POINTS) -> list[list[float]]:
+    """``[step, loss]`` of every k-th log record (at most about ``most``), and always the last."""
+    if not log:
+        return []
+    picked = log[::math.ceil(len(log) / most)]
+    if picked[-1] is not log[-1]:
+        picked.append(log[-1])
+    return [[r["step"], round(float(r["loss"]), 6)] for r in picked]
+
+
 def stage_record(run: Path, command: str, note: str = "", hardware: str = "") -> dict:
     """What the card says about one training stage: its config, steps, minutes, log, command and hardware."""
     meta = json.loads((run / "weights" / "config.json").read_text())
@@ -47,7 +63,39 @@ def stage_record(run: Path, command: str, note: str = "", hardware: str = "") ->
             "prediction": meta.get("config", {}).get("prediction", "velocity"),
             "patch": meta.get("config", {}).get("patch"),
             "text_layers": meta.get("config", {}).get("text_layers", 2),
-            "log": log, "command": command, "note": note, "hardware": hardware}
+            "log": log, "loss_points": loss_points(log), "command": command, "note": note, "hardware": hardware}
+
+
+def card_loss_rows(card: str) -> list[tuple[int, float]]:
+    """The (step, loss) rows of a model card's loss table (steps counted over all stages)."""
+    rows, inside = [], False
+    for line in card.splitlines():
+        if line.startswith("| step (all stages) | loss |"):
+            inside = True
+        elif inside and line.startswith("|") and not line.startswith("|---"):
+            step, loss = (cell.strip() for cell in line.strip("|").split("|"))
+            rows.append((int(step), float(loss)))
+        elif inside and not line.startswith("|"):
+            break
+    return rows
+
+
+def recorded_stages(weights: Path) -> list[dict]:
+    """The stages of the model in ``weights`` as its config.json records them, each with a ``log`` for the card:
+    the record's ``loss_points``, or, for a stage released before those were kept, the rows of the model card's
+    loss table that fall within it. For releasing on top of stages whose run directories are gone."""
+    meta = json.loads((weights / "config.json").read_text())
+    card = weights / "MODEL_CARD.md"
+    rows = card_loss_rows(card.read_text()) if card.is_file() else []
+    stages, offset = [], 0
+    for record in meta.get("stages", []):
+        if "loss_points" in record:
+            points = record["loss_points"]
+        else:
+            points = [[step - offset, loss] for step, loss in rows if offset < step <= offset + record["steps"]]
+        stages.append({**record, "loss_points": points, "log": [{"step": s, "loss": v} for s, v in points]})
+        offset += record["steps"]
+    return stages
 
 
 def _precision(cfg: dict) -> str:
