@@ -102,7 +102,8 @@ def gather_stages(listed: list[dict]) -> list[dict]:
             stages.append(stage_record(Path(stage["run"]), stage["command"], stage.get("note", ""),
                                        stage.get("hardware", "")))
         elif i < len(listed) - 1 and i < len(shipped) and shipped[i]["command"] == stage["command"]:
-            stages.append({**shipped[i], "note": stage.get("note", ""), "hardware": stage.get("hardware", "")})
+            stages.append({**shipped[i], "note": stage.get("note", shipped[i].get("note", "")),
+                           "hardware": stage.get("hardware", shipped[i].get("hardware", ""))})
         else:
             raise SystemExit(f"stage {stage['run']} lacks {', '.join(missing)}, and the shipped config.json records no "
                              f"stage {i + 1} with that command (the released stage itself must be present)")
