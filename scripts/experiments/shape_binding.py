@@ -5,7 +5,8 @@ the shapes model, on the image noised at t = 0.5 with its own caption:
 
 1. attention: the mean share of an object's image tokens' attention (DAAM-style, image queries over
    the caption's keys) that goes to its own colour word, its own shape word, the other object's colour
-   and shape words, and everything else ("a", "and", "on", the scene word, padding);
+   and shape words, the word after each shape word ("and", "on": with neighbour maps they carry the shape
+   before them), and everything else ("a", the scene word, padding);
 2. probes: how well a linear probe (ridge regression, fit on half the objects, scored on the other half)
    names an object's shape from (a) the text stream's state of the object's *colour* word, (b) that of
    its *shape* word, (c) the mean image-stream state over the object's tokens. Chance is about 1/3.
@@ -60,7 +61,7 @@ def main() -> None:
     # which image tokens belong to object s (slot s + 1 in the label map): at least half their pixels
     share = torch.nn.functional.avg_pool2d(torch.stack([(labels == s + 1).float() for s in range(2)], 1), patch)
     on_object = (share >= 0.5).flatten(2)  # [B, 2, N]
-    roles = ("own colour", "own shape", "other colour", "other shape", "rest")
+    roles = ("own colour", "own shape", "other colour", "other shape", "after own shape", "after other shape", "rest")
     attention = {}
     states: dict[int, dict[str, list]] = {}
     blocks = list(pipe.model.transformer.transformer_blocks)
@@ -82,6 +83,9 @@ def main() -> None:
                     (colour, shape), (other_colour, other_shape) = objs[s], objs[1 - s]
                     mass = probs[i][:, on_object[i, s]].mean(-1)  # [S]: attention per caption token
                     picked = {r: mass[words.index(w)].item() for r, w in zip(roles, (colour, shape, other_colour, other_shape))}
+                    for r, w in (("after own shape", shape), ("after other shape", other_shape)):  # "and", "on"
+                        after = words.index(w) + 1
+                        picked[r] = mass[after].item() if after < len(words) else 0.0
                     picked["rest"] = mass.sum().item() - sum(picked.values())
                     for r in roles:
                         totals[r] += picked[r] / (2 * len(captions))
