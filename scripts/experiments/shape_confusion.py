@@ -8,6 +8,15 @@ carry nothing of the shape under them, a strong diagonal that loses to one colum
 hidden by a bias. The "pair pick" is the benchmark's shape pick (the object's own word against the
 other object's). About a minute per weights on 2 CPU cores.
 
+``--in-caption`` (ConceptAttention only, one image per pass, a few minutes) is not the paper's method but
+a probe of where the gap lies: the two shape concepts of each image are its caption's own tokens of those
+words (with their position and neighbour maps) instead of the words encoded alone. If the picks then
+follow the truth, a lone shape word is what the image tokens fail to match; if not, the caption's shape
+tokens carry nothing the pixels' attention outputs share either. With neighbour maps a caption's shape
+token also carries its colour, so ``--swapped`` takes the shape tokens from the caption with the two
+shape words swapped ("a red square and a blue circle"), where each carries the *other* object's colour:
+picks that follow the colour then fall below 50%.
+
     python scripts/experiments/shape_confusion.py [--weights DIR] [--readouts concept_attention cross_only]
 """
 
@@ -17,9 +26,26 @@ import argparse
 
 import torch
 
+from conceptattention.core import ConceptAttention
 from conceptattention.pipelines.shapes import ShapesPipeline
 from conceptattention.shapes import benchmark, world
-from conceptattention.shapes.binding import two_object_scenes
+from conceptattention.shapes.binding import swap_shapes, two_object_scenes
+
+
+def in_caption_maps(pipe, image, caption: str, concept_caption: str, concepts: list[str], samples: int, seed: int,
+                    layers) -> dict:
+    """ConceptAttention maps of one image (noised with its ``caption``) whose concepts are the words alone,
+    except the shape words of ``concept_caption``, which are that caption's own tokens of them."""
+    embeds = pipe.model.encode_concepts(concepts)
+    tokens, _ = pipe.model.encode_text([concept_caption])
+    words = concept_caption.split()
+    for shape in world.SHAPES:
+        if shape in words:
+            embeds[concepts.index(shape)] = tokens[0, words.index(shape)]
+    inputs, _ = pipe._noisy_inputs([image], [caption], 0.5, samples, [seed])
+    with ConceptAttention(pipe.model.transformer, embeds, layers=list(layers), readouts=["concept_attention"]) as session:
+        session.forward_until_last_layer(**inputs)
+    return {"concept_attention": session.maps().mean(0, keepdim=True).float().cpu()}
 
 
 @torch.no_grad()
@@ -30,20 +56,34 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="*", default=[0, 1, 2, 3, 4, 5])
     p.add_argument("--images", type=int, default=800, help="validation scenes drawn (about 1 in 5 qualifies)")
     p.add_argument("--samples", type=int, default=4, help="noise draws per image")
+    p.add_argument("--in-caption", action="store_true",
+                   help="the two shape concepts are the caption's own tokens of those words (concept_attention only)")
+    p.add_argument("--swapped", action="store_true",
+                   help="with --in-caption: take the shape tokens from the caption with the shape words swapped")
     a = p.parse_args()
+    if a.swapped and not a.in_caption:
+        p.error("--swapped needs --in-caption")
+    if a.in_caption:
+        a.readouts = ["concept_attention"]
     torch.set_num_threads(2)
     pipe = ShapesPipeline.from_pretrained(a.weights)
     scenes = two_object_scenes(a.images, benchmark.VALIDATION_SEED)
     images, labels = world.render(scenes)
     captions = world.captions(scenes)
+    concept_captions = world.captions(swap_shapes(scenes)) if a.swapped else captions
     concepts = list(benchmark.CONCEPTS)
     shape_rows = [concepts.index(s) for s in world.SHAPES]
     counts = {r: torch.zeros(len(world.SHAPES), len(world.SHAPES)) for r in a.readouts}
     pair = {r: [0, 0] for r in a.readouts}
-    for start in range(0, len(captions), 25):
-        idx = list(range(start, min(len(captions), start + 25)))
-        maps = pipe.token_maps([images[i] for i in idx], concepts, [captions[i] for i in idx], readouts=a.readouts,
-                               samples=a.samples, seeds=[1000 * i for i in idx], layers=a.layers)
+    step = 1 if a.in_caption else 25
+    for start in range(0, len(captions), step):
+        idx = list(range(start, min(len(captions), start + step)))
+        if a.in_caption:
+            maps = in_caption_maps(pipe, images[idx[0]], captions[idx[0]], concept_captions[idx[0]], concepts,
+                                   a.samples, 1000 * idx[0], a.layers)
+        else:
+            maps = pipe.token_maps([images[i] for i in idx], concepts, [captions[i] for i in idx], readouts=a.readouts,
+                                   samples=a.samples, seeds=[1000 * i for i in idx], layers=a.layers)
         for name, m in maps.items():
             up = torch.nn.functional.interpolate(m, size=labels.shape[-2:], mode="nearest")
             for j, i in enumerate(idx):
