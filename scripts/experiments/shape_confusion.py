@@ -26,7 +26,6 @@ import argparse
 
 import torch
 
-from conceptattention.core import ConceptAttention
 from conceptattention.pipelines.shapes import ShapesPipeline
 from conceptattention.shapes import benchmark, world
 from conceptattention.shapes.binding import swap_shapes, two_object_scenes
@@ -43,7 +42,7 @@ def in_caption_maps(pipe, image, caption: str, concept_caption: str, concepts: l
         if shape in words:
             embeds[concepts.index(shape)] = tokens[0, words.index(shape)]
     inputs, _ = pipe._noisy_inputs([image], [caption], 0.5, samples, [seed])
-    with ConceptAttention(pipe.model.transformer, embeds, layers=list(layers), readouts=["concept_attention"]) as session:
+    with pipe._session(embeds, layers, ["concept_attention"]) as session:
         session.forward_until_last_layer(**inputs)
     return {"concept_attention": session.maps().mean(0, keepdim=True).float().cpu()}
 

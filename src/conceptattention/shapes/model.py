@@ -386,9 +386,10 @@ class ShapesModel(nn.Module):
         """Keep only the map of the word *before* each prompt token (``text_next_word`` becomes False; neighbour
         maps are added first if the model has none). The binding then lives in the shape word, which carries its
         colour, and no longer in the colour word: an image token, which sees its own colour early, must read its
-        shape word to learn its shape, and that read is what ConceptAttention's shape maps match. The map of the
-        previous word is kept as trained; the model changes until fine-tuning adapts it. A model without the
-        map of the next word is left as it is."""
+        shape word to learn its shape, a read ConceptAttention's shape maps could match (in the README's stage-11
+        try it lifted the DAAM-style shape pick, not ConceptAttention's). The map of the previous word is kept as
+        trained; the model changes until fine-tuning adapts it. A model without the map of the next word is left
+        as it is."""
         self.mix_text_neighbours()
         if not self.config.text_next_word:
             return
