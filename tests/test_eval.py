@@ -100,6 +100,18 @@ def test_score_sample_counts_by_hand():
     assert r["color_pick"] == [0, 8]  # the same pixels with the two concepts swapped: always the wrong one
 
 
+def test_a_tie_between_the_two_maps_is_no_pick():
+    """A single layer's softmax can saturate and leave both shape maps at exactly 0 over an object; a tie
+    must count as wrong at the pixels of both objects, not as right wherever the second object is."""
+    truth = torch.full((4, 4), -1, dtype=torch.long)
+    truth[:2, :2], truth[2:, 2:] = 0, 1
+    maps = torch.zeros(2, 4, 4)
+    maps[0, 0, 0] = 0.5  # one pixel of object 0 where its concept wins; every other pixel a tie
+    sample = Sample("s", None, "", ["a", "b"], pick=PickTarget((0, 1), truth))
+    r = score_sample(maps, sample, {"blur": 0.0, "upsample": "nearest"}, num_classes=2)
+    assert r["pick"] == [1, 8]
+
+
 def test_linear_norm_readout_is_validated():
     from conceptattention.readouts import Readout, linear_norm
 

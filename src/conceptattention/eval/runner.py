@@ -102,9 +102,10 @@ def score_sample(token_maps: torch.Tensor, sample: Sample, settings: dict, num_c
     for key, pick in (("pick", sample.pick), ("color_pick", sample.color_pick)):
         if pick is not None:
             a, b = pick.concepts
-            says_a = up[a] > up[b]
-            scored = pick.truth >= 0
-            record[key] = [int((says_a[scored] == (pick.truth[scored] == 0)).sum()), int(scored.sum())]
+            # right where the true object's concept is strictly larger: a tie (e.g. two maps that a saturated
+            # softmax left at exactly 0) is no pick, for either object
+            right = ((pick.truth == 0) & (up[a] > up[b])) | ((pick.truth == 1) & (up[b] > up[a]))
+            record[key] = [int(right.sum()), int((pick.truth >= 0).sum())]
     return record
 
 
