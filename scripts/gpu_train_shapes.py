@@ -132,6 +132,8 @@ def main() -> None:
                    help="prompt tokens add learned maps of the words beside them (ShapesModel.mix_text_neighbours)")
     p.add_argument("--drop-next-word", action="store_true",
                    help="keep only the map of the word before each prompt token (ShapesModel.drop_next_word)")
+    p.add_argument("--reader-weight", type=float, default=0.0,
+                   help="weight of the reading objective (shape words name their object's colour; train.reader_targets)")
     p.add_argument("--prediction", choices=PREDICTIONS, default="",
                    help="what the transformer outputs (default: the weights' own; velocity from scratch)")
     for name in ("patch", "layers", "single-layers", "heads", "head-dim", "text-layers"):
@@ -164,7 +166,7 @@ def main() -> None:
                       object_weight=a.object_weight, t_uniform=a.t_uniform, prediction=a.prediction, patch=repatch,
                       colorless_rate=a.colorless_rate, multi_object_rate=a.multi_object_rate, drop_text_mixing=unmix,
                       text_positions=a.text_positions, text_neighbours=a.text_neighbours,
-                      drop_next_word=a.drop_next_word,
+                      drop_next_word=a.drop_next_word, reader_weight=a.reader_weight,
                       bf16=use_bf16(a.precision, a.device), log_every=50, checkpoint_every=10**9)
     per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, model_cfg, a.device,
                                 max(2, a.probe_steps))

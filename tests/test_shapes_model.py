@@ -835,3 +835,54 @@ def test_binding_measure_is_zero_for_a_bag_of_words_model_and_sees_word_order_ot
     same = with_shapes(scenes, torch.zeros_like(scenes.shape))  # two circles: a swap changes nothing
     with pytest.raises(ValueError, match="two objects of different shapes"):
         binding(model, same, [0.5])
+
+
+def test_reader_targets_ask_shape_words_the_colour_only_the_image_can_tell():
+    from conceptattention.shapes import world
+    from conceptattention.shapes.train import reader_targets
+
+    scenes = world.sample_scenes(400, seed=5)
+    pick = {}  # one scene each: two objects of different colours and shapes; two of one shape in two colours
+    for i in range(len(scenes)):
+        objs = scenes.objects(i)
+        if len(objs) == 2 and objs[0][0] != objs[1][0]:
+            pick.setdefault("same shape" if objs[0][1] == objs[1][1] else "differ", i)
+    chosen = scenes.select(torch.tensor([pick["differ"], pick["differ"], pick["differ"], pick["same shape"], pick["differ"]]))
+    (c0, s0), (c1, s1) = chosen.objects(0)
+    (_, same), _ = chosen.objects(3)
+    texts = [f"a {s1} and a {s0} on grass",  # no colour named: both shape words are asked
+             f"a {c0} {s0} and a {c1} {s1} on grass",  # the caption names the colours: nothing to read
+             s0,  # a lone shape word, as a concept is encoded: asked
+             f"a {same} and a {same} on grass",  # two of that shape in two colours: no single answer
+             ""]  # a dropped caption
+    got = reader_targets(chosen, texts, 12)
+    want = torch.full((5, 12), -1, dtype=torch.long)
+    want[0, 1], want[0, 4] = world.COLOR_NAMES.index(c1), world.COLOR_NAMES.index(c0)
+    want[2, 0] = world.COLOR_NAMES.index(c0)
+    assert torch.equal(got, want)
+
+
+def test_reading_objective_trains_a_head_that_stays_out_of_the_weights(tiny_dir, tmp_path):
+    torch.manual_seed(0)
+    model = ShapesModel(TINY)
+    cfg = TrainConfig(batch=8, bf16=False, colorless_rate=1.0, multi_object_rate=0.5, reader_weight=0.5)
+    reader = torch.nn.Linear(model.transformer.inner_dim, 4)
+    plain = batch_loss(model, 0, cfg, torch.device("cpu"))
+    parts = {}
+    total = batch_loss(model, 0, cfg, torch.device("cpu"), reader, parts)
+    assert 0 < parts["reader"] and torch.allclose(total, plain + 0.5 * parts["reader"])
+    total.backward()  # the reading objective reaches the transformer's text stream, not only its head
+    assert reader.weight.grad.abs().sum() > 0
+    assert model.transformer.transformer_blocks[0].attn.add_q_proj.weight.grad.abs().sum() > 0
+
+    out = tmp_path / "r"
+    r = train_briefly(out, "--init-from", str(tiny_dir), "--reader-weight", "0.1", "--colorless-rate", "0.5")
+    assert r.exit_code == 0, r.output
+    assert run_meta(out)["train_config"]["reader_weight"] == 0.1
+    assert "reader" in torch.load(out / "checkpoint.pt", weights_only=False)
+    loaded = ShapesModel.load(out / "weights")  # the exported weights are the model alone
+    assert set(loaded.state_dict()) == set(ShapesModel.load(tiny_dir).state_dict())
+    r = train_briefly(out, steps=3)  # resuming without the objective would drop the head's training
+    assert r.exit_code == 2 and "resume with the same --reader-weight" in r.output, r.output
+    r = CliRunner().invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), "--reader-weight", "-1", "--quiet"])
+    assert r.exit_code == 2 and "--reader-weight is a loss weight" in r.output

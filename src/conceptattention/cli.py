@@ -211,6 +211,10 @@ def train_shapes(
         False, "--drop-next-word", help="keep only the map of the word before each prompt token (adding the maps "
         "if the model has none): 'circle' carries its colour, 'red' no longer its shape, so image tokens must read "
         "their shape word; from scratch or --init-from weights"),
+    reader_weight: Optional[float] = typer.Option(
+        None, help="weight of a reading objective: in captions that name no colour (--colorless-rate, single "
+        "words), each shape word's token must name its object's colour from the image, so shape words learn to "
+        "find their objects (a linear head on the text stream, not exported; default 0: off)"),
     prediction: Optional[str] = typer.Option(
         None, help="what the transformer outputs: 'velocity' (as in Flux) or 'sample' (the clean image); with "
         "--init-from a change retrains the output head (default: the weights' own, velocity from scratch)"),
@@ -243,13 +247,16 @@ def train_shapes(
         cfg = replace(cfg, steps=steps)
     for name, value in (("batch", batch), ("lr", lr), ("warmup", warmup), ("init_from", init_from),
                         ("object_weight", object_weight), ("t_uniform", t_uniform), ("prediction", prediction),
-                        ("colorless_rate", colorless_rate), ("multi_object_rate", multi_object_rate)):
+                        ("colorless_rate", colorless_rate), ("multi_object_rate", multi_object_rate),
+                        ("reader_weight", reader_weight)):
         if value is not None:
             cfg = replace(cfg, **{name: value})
     for name, value in (("--t-uniform", t_uniform), ("--colorless-rate", colorless_rate),
                         ("--multi-object-rate", multi_object_rate)):
         if value is not None and not 0.0 <= value <= 1.0:
             _fail(ConceptAttentionError(f"{name} is a share of the batch, between 0 and 1, not {value}"))
+    if reader_weight is not None and reader_weight < 0:
+        _fail(ConceptAttentionError(f"--reader-weight is a loss weight, 0 or more, not {reader_weight}"))
     shape = {"patch": patch, "layers": layers, "single_layers": single_layers, "heads": heads, "head_dim": head_dim,
              "text_layers": text_layers}
     resuming = (Path(out) / "checkpoint.pt").is_file()

@@ -54,6 +54,8 @@ class TrainConfig:
     text_positions: bool = False  # give prompt tokens RoPE positions before training (ShapesConfig.text_positions)
     text_neighbours: bool = False  # let prompt tokens add their neighbouring words (ShapesConfig.text_neighbours)
     drop_next_word: bool = False  # keep only the previous word's map (ShapesModel.drop_next_word)
+    reader_weight: float = 0.0  # weight of the reading objective (reader_targets; 0: plain denoising)
+    reader_t_max: float = 0.8  # the reading objective only counts images noised at most this much
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -100,7 +102,33 @@ def training_scenes(cfg: TrainConfig, step: int) -> world.Scenes:
     return world.Scenes.cat(parts)
 
 
-def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+def reader_targets(scenes: world.Scenes, texts: list[str], max_tokens: int) -> torch.Tensor:
+    """Targets of the reading objective, ``[B, max_tokens]`` long, -1 where nothing is asked.
+
+    In a caption that names no colour ("a circle and a square on grass", or the single word "circle"),
+    each shape word's token is asked the colour of the object it names, which only the image can tell
+    (skipped where the caption's objects of that shape differ in colour). To answer, the token must
+    find its own object among the image tokens: the shape word's query learns to look where its shape
+    is, which is what a shape concept encoded alone needs for ConceptAttention. No mask is used.
+    """
+    targets = torch.full((len(texts), max_tokens), -1, dtype=torch.long)
+    colour_words = set(world.COLOR_NAMES)
+    for i, text in enumerate(texts):
+        words = text.split()
+        if not words or colour_words.intersection(words):
+            continue
+        objects = scenes.objects(i)
+        for j, word in enumerate(words[:max_tokens]):
+            if word in world.SHAPES:
+                colours = {colour for colour, shape in objects if shape == word}
+                if len(colours) == 1:
+                    targets[i, j] = world.COLOR_NAMES.index(colours.pop())
+    return targets
+
+
+def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.device,
+               reader: torch.nn.Module | None = None, parts: dict | None = None) -> torch.Tensor:
+    """The step's loss; with ``reader``, plus the reading objective, whose cross-entropy goes to ``parts["reader"]``."""
     scenes = training_scenes(cfg, step)
     images, labels = world.render(scenes, device)
     texts = world.captions(scenes, cfg.single_word_rate, cfg.colorless_rate)
@@ -120,14 +148,37 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
         t = torch.where(torch.rand(cfg.batch, generator=g) < cfg.t_uniform, uniform, t)
     t = t.to(device)
     x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        tokens, pooled = model.encode_text(texts)
-        pred = model.velocity(x_t, t, tokens, pooled)
+    text_state: list[torch.Tensor] = []
+    hook = None
+    if reader is not None:  # the text stream as the last double-stream block leaves it
+        last = model.transformer.transformer_blocks[-1]
+        hook = last.register_forward_hook(lambda module, args, output: text_state.append(output[0]))
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            tokens, pooled = model.encode_text(texts)
+            pred = model.velocity(x_t, t, tokens, pooled)
+    finally:
+        if hook is not None:
+            hook.remove()
     error = (pred.float() - (noise - x0)).pow(2)
     if cfg.object_weight == 1.0:
-        return error.mean()
-    weights = pixel_weights(labels, cfg.object_weight, model.config.patch)
-    return (error * weights).sum() / weights.sum()
+        loss = error.mean()
+    else:
+        weights = pixel_weights(labels, cfg.object_weight, model.config.patch)
+        loss = (error * weights).sum() / weights.sum()
+    if reader is None:
+        return loss
+    targets = reader_targets(scenes, texts, model.config.max_tokens).to(device)
+    targets[t > cfg.reader_t_max] = -1
+    asked = targets >= 0
+    if not bool(asked.any()):
+        return loss + 0.0 * reader.weight.sum()  # every parameter keeps a gradient
+    state = text_state[0][asked].float()
+    logits = reader(torch.nn.functional.layer_norm(state, state.shape[-1:]))  # a scale-free read
+    reading = torch.nn.functional.cross_entropy(logits, targets[asked])
+    if parts is not None:
+        parts["reader"] = reading.detach()
+    return loss + cfg.reader_weight * reading
 
 
 def pixel_weights(labels: torch.Tensor, object_weight: float, patch: int) -> torch.Tensor:
@@ -146,13 +197,14 @@ def init_model(source: str) -> ShapesModel:
     return ShapesModel.load(directory, dtype=torch.float32)
 
 
-def _save_checkpoint(path: Path, model, ema, opt, step: int, cfg: TrainConfig, model_cfg: ShapesConfig) -> None:
+def _save_checkpoint(path: Path, model, ema, opt, step: int, cfg: TrainConfig, model_cfg: ShapesConfig,
+                     reader: torch.nn.Module | None = None) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save(
-        {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-         "train_config": asdict(cfg), "model_config": asdict(model_cfg)},
-        tmp,
-    )
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+             "train_config": asdict(cfg), "model_config": asdict(model_cfg)}
+    if reader is not None:
+        state["reader"] = reader.state_dict()
+    torch.save(state, tmp)
     os.replace(tmp, path)
 
 
@@ -204,16 +256,26 @@ def train(
         model.drop_next_word()
         model_cfg = model.config
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    reader = None
+    if cfg.reader_weight > 0:  # a linear head on the text stream, used in training only (not exported)
+        reader = torch.nn.Linear(model.transformer.inner_dim, len(world.COLOR_NAMES)).to(dev)
     if dev.type == "cuda" and not cfg.bf16:
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 weights, TF32 matrix products
         torch.backends.cudnn.allow_tf32 = True
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
+    trained = list(model.parameters()) + (list(reader.parameters()) if reader is not None else [])
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
                             fused=dev.type == "cuda")
     params, ema_params = list(model.parameters()), list(ema.parameters())
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
+        if (reader is None) != ("reader" not in state):
+            raise ConceptAttentionError(
+                f"{ckpt} was {'not ' if 'reader' not in state else ''}trained with the reading objective; resume "
+                f"with the same --reader-weight setting (it was {state['train_config'].get('reader_weight', 0.0)})")
+        if reader is not None:
+            reader.load_state_dict(state["reader"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
         cfg = TrainConfig(**{**asdict(cfg), "steps": max(cfg.steps, start)})
@@ -230,15 +292,18 @@ def train(
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train-shapes", unit="step")
-    began, step, running = time.time(), start, []
+    began, step, running, reading = time.time(), start, [], []
     try:
         for step in range(start, cfg.steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            loss = batch_loss(model, step, cfg, dev)
+            parts: dict[str, torch.Tensor] = {}
+            loss = batch_loss(model, step, cfg, dev, reader, parts)
+            if "reader" in parts:
+                reading.append(parts["reader"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
             opt.step()
             with torch.no_grad():
                 decay = min(cfg.ema, (1 + step) / (10 + step))
@@ -248,16 +313,18 @@ def train(
                 bar.update(1)
             if (step + 1) % cfg.log_every == 0:
                 mean = torch.stack(running).mean().item()
-                running = []
-                log.write(json.dumps({"step": step + 1, "loss": mean, "lr": lr_at(step, cfg),
-                                      "seconds": time.time() - began}) + "\n")
+                record = {"step": step + 1, "loss": mean, "lr": lr_at(step, cfg), "seconds": time.time() - began}
+                if reading:  # the reading objective's cross-entropy (the loss above includes it, weighted)
+                    record["reader"] = torch.stack(reading).mean().item()
+                running, reading = [], []
+                log.write(json.dumps(record) + "\n")
                 log.flush()
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean:.4f}")
             done = step + 1
             out_of_time = max_seconds is not None and time.time() - began > max_seconds
             if done % cfg.checkpoint_every == 0 or stop["now"] or out_of_time or done == cfg.steps:
-                _save_checkpoint(ckpt, model, ema, opt, done, cfg, model_cfg)
+                _save_checkpoint(ckpt, model, ema, opt, done, cfg, model_cfg, reader)
                 ema.save(out / "weights", extra={"steps": done, "train_config": asdict(cfg)})
             if stop["now"] or out_of_time:
                 break
@@ -293,6 +360,9 @@ def main() -> None:
                    help="let each prompt token add maps of the words beside it (colour-shape binding)")
     p.add_argument("--drop-next-word", action="store_true",
                    help="keep only the map of the word before each prompt token (the shape word carries the binding)")
+    p.add_argument("--reader-weight", type=float, default=TrainConfig.reader_weight,
+                   help="weight of the reading objective: in captions without colours, each shape word's token "
+                        "names its object's colour from the image (0: off)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -307,7 +377,8 @@ def main() -> None:
                       prediction=a.prediction, patch=a.patch, colorless_rate=a.colorless_rate,
                       multi_object_rate=a.multi_object_rate,
                       drop_text_mixing=a.drop_text_mixing, text_positions=a.text_positions,
-                      text_neighbours=a.text_neighbours, drop_next_word=a.drop_next_word)
+                      text_neighbours=a.text_neighbours, drop_next_word=a.drop_next_word,
+                      reader_weight=a.reader_weight)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 
 
