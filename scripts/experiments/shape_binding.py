@@ -9,7 +9,10 @@ the shapes model, on the image noised at t = 0.5 with its own caption:
    before them), and everything else ("a", the scene word, padding);
 2. probes: how well a linear probe (ridge regression, fit on half the objects, scored on the other half)
    names an object's shape from (a) the text stream's state of the object's *colour* word, (b) that of
-   its *shape* word, (c) the mean image-stream state over the object's tokens. Chance is about 1/3.
+   its *shape* word, (c) the mean image-stream state over the object's tokens, (d) the mean of their
+   attention outputs (before the output projection: the vectors ConceptAttention compares with the
+   concepts'), and (e) single object tokens' attention outputs (probe fit on the tokens of the first
+   half of the images). Chance is about 1/3.
 
 If the object's pixels attend to their colour word and that word's text-stream state names the
 shape, the caption's binding of shape to colour is done in the text stream and the pixels read shape
@@ -32,10 +35,10 @@ from conceptattention.shapes import benchmark, world
 from conceptattention.shapes.binding import two_object_scenes
 
 
-def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, ridge: float = 10.0) -> float:
-    """A linear probe: ridge regression onto one-hot shapes, fit on the first half (features standardised
-    there), scored as the arg-max on the second half."""
-    half = len(labels) // 2
+def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, ridge: float = 10.0, half: int | None = None) -> float:
+    """A linear probe: ridge regression onto one-hot shapes, fit on the first ``half`` rows (default: half
+    of them; features standardised there), scored as the arg-max on the rest."""
+    half = len(labels) // 2 if half is None else half
     x = features.double()
     mean, std = x[:half].mean(0), x[:half].std(0) + 1e-6
     x = torch.cat([(x - mean) / std, torch.ones(len(x), 1, dtype=x.dtype)], 1)
@@ -67,6 +70,9 @@ def main() -> None:
     blocks = list(pipe.model.transformer.transformer_blocks)
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = [b.register_forward_hook(lambda m, args, out, k=k: captured.__setitem__(k, out)) for k, b in enumerate(blocks)]
+    outputs: dict[int, torch.Tensor] = {}  # image tokens' attention outputs, heads concatenated
+    hooks += [b.attn.to_out[0].register_forward_pre_hook(lambda m, args, k=k: outputs.__setitem__(k, args[0]))
+              for k, b in enumerate(blocks)]
     try:
         inputs, b = pipe._noisy_inputs(list(images), captions, 0.5, a.samples, None)
         for k in range(len(blocks)):
@@ -74,7 +80,8 @@ def main() -> None:
                 session.forward_until_last_layer(**inputs)
             probs = session.maps().flatten(2).unflatten(0, (b, a.samples)).mean(1)  # [B, S, N]
             states[k] = {"text": captured[k][0].unflatten(0, (b, a.samples)).mean(1).float(),
-                         "image": captured[k][1].unflatten(0, (b, a.samples)).mean(1).float()}
+                         "image": captured[k][1].unflatten(0, (b, a.samples)).mean(1).float(),
+                         "output": outputs[k].unflatten(0, (b, a.samples)).mean(1).float()}
             totals = dict.fromkeys(roles, 0.0)
             for i, caption in enumerate(captions):
                 words = caption.split()
@@ -97,11 +104,11 @@ def main() -> None:
     target = torch.tensor([shape_index[scenes.objects(i)[s][1]] for i in range(len(captions)) for s in range(2)])
     # before block 0: the prompt tokens as the text encoder gives them (no image stream yet)
     prompt = inputs["encoder_hidden_states"].unflatten(0, (b, a.samples)).mean(1).float()
-    states[-1] = {"text": prompt, "image": None}
+    states[-1] = {"text": prompt, "image": None, "output": None}
     probes = {}
     for k in sorted(states):
-        text, image = states[k]["text"], states[k]["image"]
-        colour_word, shape_word, pixels = [], [], []
+        text, image, output = states[k]["text"], states[k]["image"], states[k]["output"]
+        colour_word, shape_word, pixels, outs, tokens, token_shapes, first_half = [], [], [], [], [], [], 0
         for i, caption in enumerate(captions):
             words = caption.split()
             for s, (colour, shape) in enumerate(scenes.objects(i)):
@@ -109,9 +116,17 @@ def main() -> None:
                 shape_word.append(text[i, words.index(shape)])
                 if image is not None:
                     pixels.append(image[i][on_object[i, s]].mean(0))
+                    outs.append(output[i][on_object[i, s]].mean(0))
+                    tokens.append(output[i][on_object[i, s]])
+                    token_shapes += [shape_index[shape]] * int(on_object[i, s].sum())
+            if i + 1 == len(captions) // 2:
+                first_half = len(token_shapes)
         probes["prompt" if k < 0 else k] = {
             name: round(probe_accuracy(torch.stack(f), target), 3)
-            for name, f in (("colour word", colour_word), ("shape word", shape_word), ("object pixels", pixels)) if f}
+            for name, f in (("colour word", colour_word), ("shape word", shape_word), ("object pixels", pixels),
+                            ("object outputs", outs)) if f}
+        if tokens:
+            probes[k]["token outputs"] = round(probe_accuracy(torch.cat(tokens), torch.tensor(token_shapes), half=first_half), 3)
     print(json.dumps({"objects": len(target), "attention by block": attention, "shape probe by block": probes}, indent=1))
 
 
