@@ -146,7 +146,7 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
         f"{s['train_config'].get('warmup')} | {s['train_config'].get('seed')} | {s['train_config'].get('batch')} | "
         f"{s['train_config'].get('object_weight', 1.0)} | {s['train_config'].get('t_uniform', 0.0)} | "
         f"{s['train_config'].get('colorless_rate', 0.0)} | {s['train_config'].get('multi_object_rate', 0.0)} | "
-        f"{s.get('patch') or '?'} | {s.get('text_layers', 2)} | {s.get('prediction', 'velocity')} | "
+        f"{s['train_config'].get('reader_weight', 0.0)} | {s.get('patch') or '?'} | {s.get('text_layers', 2)} | {s.get('prediction', 'velocity')} | "
         f"{_precision(s['train_config'])} | {s.get('hardware') or hardware} | {s['minutes']:.0f} | `{s['command']}` |"
         for i, s in enumerate(stages))
     notes = " ".join(f"Stage {i + 1}: {s['note']}" for i, s in enumerate(stages) if s["note"])
@@ -191,13 +191,15 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
   hardware per stage below; "object weight" is the loss weight of pixels on or within 2 px of an object,
   "uniform t" the share of timesteps drawn uniformly instead of logit-normal, "no-colour captions" the share
   of captions that name the shapes without their colours, "2-3 object share" the share of each batch drawn
-  from scenes asking for two or three objects (the rest from the world's own mix, 60% single objects);
+  from scenes asking for two or three objects (the rest from the world's own mix, 60% single objects),
+  "reading weight" the weight of the reading objective (in captions that name no colour, each shape word's
+  token names its object's colour from the image through a linear head used only in training; 0: none);
 - {total} steps in {len(stages)} stage(s), {sum(s['minutes'] for s in stages):.0f} minutes of training.
   Each stage is reproduced by its command (a stage starting from weights reads the previous stage's
   exported `weights/`); every run resumes from `DIR/checkpoint.pt`. {notes}
 
-| stage | starts from | steps | peak lr | warm-up | seed | batch | object weight | uniform t | no-colour captions | 2-3 object share | patch | text layers | predicts | precision | hardware | minutes | command |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| stage | starts from | steps | peak lr | warm-up | seed | batch | object weight | uniform t | no-colour captions | 2-3 object share | reading weight | patch | text layers | predicts | precision | hardware | minutes | command |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {stage_rows}
 
 | step (all stages) | loss |
