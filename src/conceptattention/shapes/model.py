@@ -386,7 +386,7 @@ class ShapesModel(nn.Module):
         """Keep only the map of the word *before* each prompt token (``text_next_word`` becomes False; neighbour
         maps are added first if the model has none). The binding then lives in the shape word, which carries its
         colour, and no longer in the colour word: an image token, which sees its own colour early, must read its
-        shape word to learn its shape, a read ConceptAttention's shape maps could match (in the README's stage-11
+        shape word to learn its shape, a read ConceptAttention's shape maps could match (in the README's drop-next-word
         try it lifted the DAAM-style shape pick, not ConceptAttention's). The map of the previous word is kept as
         trained; the model changes until fine-tuning adapts it. A model without the map of the next word is left
         as it is."""
