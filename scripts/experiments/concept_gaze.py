@@ -30,7 +30,7 @@ from conceptattention.core import ConceptAttention
 from conceptattention.pipelines.shapes import ShapesPipeline
 from conceptattention.shapes import benchmark, world
 from conceptattention.shapes.benchmark import CONCEPTS
-from conceptattention.shapes.binding import two_object_scenes
+from conceptattention.shapes.binding import object_tokens, two_object_scenes
 
 
 class GazeRecorder(ConceptAttention):
@@ -66,8 +66,7 @@ def main() -> None:
     concepts = list(CONCEPTS)
     _, embeds = pipe._concepts(concepts)
     patch, k = pipe.model.config.patch, len(concepts)
-    share = torch.nn.functional.avg_pool2d(torch.stack([(labels == s + 1).float() for s in range(2)], 1), patch)
-    on_object = (share >= 0.5).flatten(2)  # [B, 2, N]: the tokens at least half on object slot s
+    on_object = object_tokens(labels, patch)  # [B, 2, N]: the tokens at least half on object slot s
     blocks = pipe.model.config.num_layers
     keys = ("on own object", "on other object", "on concepts", "pick right", "pick wrong")
     sums = {b: dict.fromkeys(keys, 0.0) for b in range(blocks)}

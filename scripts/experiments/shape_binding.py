@@ -32,7 +32,7 @@ import torch
 from conceptattention.pipelines.shapes import ShapesPipeline
 from conceptattention.prompt_attention import PromptAttention
 from conceptattention.shapes import benchmark, world
-from conceptattention.shapes.binding import two_object_scenes
+from conceptattention.shapes.binding import object_tokens, two_object_scenes
 
 
 def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, ridge: float = 10.0, half: int | None = None) -> float:
@@ -61,9 +61,7 @@ def main() -> None:
     images, labels = world.render(scenes)
     captions = world.captions(scenes)
     patch = pipe.model.config.patch
-    # which image tokens belong to object s (slot s + 1 in the label map): at least half their pixels
-    share = torch.nn.functional.avg_pool2d(torch.stack([(labels == s + 1).float() for s in range(2)], 1), patch)
-    on_object = (share >= 0.5).flatten(2)  # [B, 2, N]
+    on_object = object_tokens(labels, patch)  # [B, 2, N]: the tokens at least half on object slot s
     roles = ("own colour", "own shape", "other colour", "other shape", "after own shape", "after other shape", "rest")
     attention = {}
     states: dict[int, dict[str, list]] = {}

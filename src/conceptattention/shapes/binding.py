@@ -40,6 +40,13 @@ def two_object_scenes(n: int, seed: int) -> world.Scenes:
     return scenes.select(torch.tensor(keep, dtype=torch.long))
 
 
+def object_tokens(labels: torch.Tensor, patch: int, objects: int = 2) -> torch.Tensor:
+    """``[B, objects, N]`` bool: which image tokens (``patch``-px patches, row-major) lie at least half on
+    object slot s (label s + 1) of each label map ``[B, 64, 64]``."""
+    share = torch.nn.functional.avg_pool2d(torch.stack([(labels == s + 1).float() for s in range(objects)], 1), patch)
+    return (share >= 0.5).flatten(2)
+
+
 def with_shapes(scenes: world.Scenes, shape: torch.Tensor) -> world.Scenes:
     """The same scenes with other shapes; their captions keep word order and phrasing (from ``caption_u``)."""
     return dataclasses.replace(scenes, shape=shape)
