@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from conceptattention import ConceptAttentionError
 from conceptattention.cli import app
 from conceptattention.pipelines.shapes import ShapesPipeline
+from conceptattention.shapes import world
 from conceptattention.shapes.model import WORD_TO_ID, ShapesConfig, ShapesModel, pack, tokenize, unpack
-from conceptattention.shapes.train import TrainConfig, batch_loss, train
+from conceptattention.shapes.train import TrainConfig, batch_loss, read_blocks, reader_heads, train
 
 TINY = ShapesConfig(text_dim=32, text_layers=1, text_heads=2, num_layers=3, num_single_layers=1,
                     attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 6, 6))
@@ -296,7 +297,7 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
         (run / "weights").mkdir(parents=True)
         meta = {"config": {"prediction": "sample", "patch": 4, "text_layers": 0} if i else {"patch": 8}, "steps": steps, "train_config": {"lr": 0.001 * (i + 1), "init_from": init, "seed": i,
                                                                 "warmup": 5, "object_weight": 1.0 + 3 * i,
-                                                                **({"multi_object_rate": 0.5, "reader_weight": 0.05} if i else {})}}
+                                                                **({"multi_object_rate": 0.5, "reader_weight": 0.05, "reader_blocks": [3, 5]} if i else {})}}
         (run / "weights" / "config.json").write_text(json.dumps(meta))
         (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "seconds": 6.0 * s})
                                                   for s in range(10, steps + 1, 10)))
@@ -313,7 +314,7 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     # each stage's reading weight (0 for a config from before the option), patch size, text layers (2 likewise)
     # and what it predicts
     assert "| 1.0 | 0.0 | 0.0 | 0.0 | 0.0 | 8 | 2 | velocity |" in card
-    assert "| 4.0 | 0.0 | 0.0 | 0.5 | 0.05 | 4 | 0 | sample |" in card
+    assert "| 4.0 | 0.0 | 0.0 | 0.5 | 0.05 at blocks 3, 5 | 4 | 0 | sample |" in card
     assert "RoPE positions are token indices" not in card  # positions are plain token indices (rope_scale 1)
     assert "prompt tokens' position ids:\n  zeros, as Flux's pipelines pass them;" in card
     assert "| 60 | 0.0500 |" in card  # the second stage's last log line, counted from the first stage
@@ -868,13 +869,14 @@ def test_reading_objective_trains_a_head_that_stays_out_of_the_weights(tiny_dir,
     torch.manual_seed(0)
     model = ShapesModel(TINY)
     cfg = TrainConfig(batch=8, bf16=False, colorless_rate=1.0, multi_object_rate=0.5, reader_weight=0.5)
-    reader = torch.nn.Linear(model.transformer.inner_dim, 4)
+    reader = reader_heads(cfg, model)
+    assert len(reader) == 1 and reader[0].out_features == len(world.COLOR_NAMES)  # one head, on the last block
     plain = batch_loss(model, 0, cfg, torch.device("cpu"))
     parts = {}
     total = batch_loss(model, 0, cfg, torch.device("cpu"), reader, parts)
     assert 0 < parts["reader"] and torch.allclose(total, plain + 0.5 * parts["reader"])
     total.backward()  # the reading objective reaches the transformer's text stream, not only its head
-    assert reader.weight.grad.abs().sum() > 0
+    assert reader[0].weight.grad.abs().sum() > 0
     assert model.transformer.transformer_blocks[0].attn.add_q_proj.weight.grad.abs().sum() > 0
 
     out = tmp_path / "r"
@@ -888,3 +890,50 @@ def test_reading_objective_trains_a_head_that_stays_out_of_the_weights(tiny_dir,
     assert r.exit_code == 2 and "resume with the same --reader-weight" in r.output, r.output
     r = CliRunner().invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), "--reader-weight", "-1", "--quiet"])
     assert r.exit_code == 2 and "--reader-weight is a loss weight" in r.output
+
+
+def test_reading_at_several_blocks_reads_each_with_its_own_head(tiny_dir, tmp_path):
+    torch.manual_seed(0)
+    model = ShapesModel(TINY)  # 3 double-stream blocks
+    cfg = TrainConfig(batch=8, bf16=False, colorless_rate=1.0, multi_object_rate=0.5, reader_weight=0.5,
+                      reader_blocks=(-1, 0))
+    assert read_blocks(cfg, model) == [0, 2]
+    both = reader_heads(cfg, model)
+    parts = {}
+    total = batch_loss(model, 0, cfg, torch.device("cpu"), both, parts)
+    assert parts["reader_each"].shape == (2,) and torch.allclose(parts["reader"], parts["reader_each"].mean())
+    assert torch.allclose(total, batch_loss(model, 0, cfg, torch.device("cpu")) + 0.5 * parts["reader"])
+    for k, block in enumerate((0, 2)):  # each block's cross-entropy is what that block read alone gives
+        alone = torch.nn.ModuleList([both[k]])
+        one = {}
+        batch_loss(model, 0, replace(cfg, reader_blocks=(block,)), torch.device("cpu"), alone, one)
+        assert torch.allclose(one["reader"], parts["reader_each"][k])
+    assert not torch.allclose(parts["reader_each"][0], parts["reader_each"][1])  # two blocks, two reads
+    total.backward()  # the first block's head is trained too
+    assert both[0].weight.grad.abs().sum() > 0
+
+    with pytest.raises(ConceptAttentionError, match="not double-stream blocks of this model; it has 3"):
+        read_blocks(replace(cfg, reader_blocks=(3,)), model)
+    out = tmp_path / "r"
+    r = train_briefly(out, "--init-from", str(tiny_dir), "--reader-weight", "0.1", "--reader-block", "0",
+                      "--reader-block", "-1")
+    assert r.exit_code == 0, r.output
+    assert run_meta(out)["train_config"]["reader_blocks"] == [0, -1]
+    r = train_briefly(out, "--reader-weight", "0.1", steps=3)  # the same weight, read at other blocks
+    assert r.exit_code == 2 and "resume with the same --reader-blocks" in r.output, r.output
+    r = train_briefly(out, "--reader-weight", "0.1", "--reader-block", "0", "--reader-block", "2", steps=3)
+    assert r.exit_code == 0, r.output  # -1 and 2 name the same block
+
+    old = tmp_path / "old"  # a checkpoint from before several blocks could be read: one bare head
+    assert train_briefly(old, "--init-from", str(tiny_dir), "--reader-weight", "0.1").exit_code == 0
+    state = torch.load(old / "checkpoint.pt", weights_only=False)
+    state["reader"] = {k.split(".", 1)[1]: v for k, v in state["reader"].items()}
+    state["train_config"].pop("reader_blocks")
+    torch.save(state, old / "checkpoint.pt")
+    r = train_briefly(old, "--reader-weight", "0.1", steps=3)
+    assert r.exit_code == 0, r.output
+
+    for options, message in ((["--reader-block", "7", "--reader-weight", "0.1"], "not double-stream blocks"),
+                             (["--reader-block", "0"], "give it a --reader-weight above 0")):
+        r = train_briefly(tmp_path / "bad", "--init-from", str(tiny_dir), *options)
+        assert r.exit_code == 2 and message in r.output, r.output

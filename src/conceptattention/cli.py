@@ -215,6 +215,10 @@ def train_shapes(
         None, help="weight of a reading objective: in captions that name no colour (--colorless-rate, single "
         "words), each shape word's token must name its object's colour from the image, so shape words learn to "
         "find their objects (a linear head on the text stream, not exported; default 0: off)"),
+    reader_block: Optional[List[int]] = typer.Option(
+        None, help="a double-stream block whose text output the reading objective reads; repeat for several "
+        "(e.g. --reader-block 3 --reader-block 4 --reader-block 5: one head each, their cross-entropies averaged; "
+        "-1 = the last; default: the last)"),
     prediction: Optional[str] = typer.Option(
         None, help="what the transformer outputs: 'velocity' (as in Flux) or 'sample' (the clean image); with "
         "--init-from a change retrains the output head (default: the weights' own, velocity from scratch)"),
@@ -257,6 +261,11 @@ def train_shapes(
             _fail(ConceptAttentionError(f"{name} is a share of the batch, between 0 and 1, not {value}"))
     if reader_weight is not None and reader_weight < 0:
         _fail(ConceptAttentionError(f"--reader-weight is a loss weight, 0 or more, not {reader_weight}"))
+    if reader_block:
+        if cfg.reader_weight <= 0:
+            _fail(ConceptAttentionError("--reader-block says where the reading objective reads; give it a "
+                                        "--reader-weight above 0 too"))
+        cfg = replace(cfg, reader_blocks=tuple(reader_block))
     shape = {"patch": patch, "layers": layers, "single_layers": single_layers, "heads": heads, "head_dim": head_dim,
              "text_layers": text_layers}
     resuming = (Path(out) / "checkpoint.pt").is_file()

@@ -98,6 +98,12 @@ def recorded_stages(weights: Path) -> list[dict]:
     return stages
 
 
+def _reading(train_config: dict) -> str:
+    """A stage's reading weight, with the blocks it read when they were named (the last block otherwise)."""
+    weight, blocks = train_config.get("reader_weight", 0.0), train_config.get("reader_blocks") or []
+    return f"{weight} at blocks {', '.join(str(b) for b in blocks)}" if weight and blocks else f"{weight}"
+
+
 def _precision(cfg: dict) -> str:
     return "bf16 autocast" if cfg.get("bf16", True) else "float32 (TF32 on CUDA)"
 
@@ -146,7 +152,7 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
         f"{s['train_config'].get('warmup')} | {s['train_config'].get('seed')} | {s['train_config'].get('batch')} | "
         f"{s['train_config'].get('object_weight', 1.0)} | {s['train_config'].get('t_uniform', 0.0)} | "
         f"{s['train_config'].get('colorless_rate', 0.0)} | {s['train_config'].get('multi_object_rate', 0.0)} | "
-        f"{s['train_config'].get('reader_weight', 0.0)} | {s.get('patch') or '?'} | {s.get('text_layers', 2)} | {s.get('prediction', 'velocity')} | "
+        f"{_reading(s['train_config'])} | {s.get('patch') or '?'} | {s.get('text_layers', 2)} | {s.get('prediction', 'velocity')} | "
         f"{_precision(s['train_config'])} | {s.get('hardware') or hardware} | {s['minutes']:.0f} | `{s['command']}` |"
         for i, s in enumerate(stages))
     notes = " ".join(f"Stage {i + 1}: {s['note']}" for i, s in enumerate(stages) if s["note"])
@@ -193,7 +199,9 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
   of captions that name the shapes without their colours, "2-3 object share" the share of each batch drawn
   from scenes asking for two or three objects (the rest from the world's own mix, 60% single objects),
   "reading weight" the weight of the reading objective (in captions that name no colour, each shape word's
-  token names its object's colour from the image through a linear head used only in training; 0: none);
+  token names its object's colour from the image through a linear head used only in training; 0: none),
+  read where the last double-stream block leaves the text stream unless blocks are named ("at blocks 3, 4, 5":
+  one head each, their cross-entropies averaged);
 - {total} steps in {len(stages)} stage(s), {sum(s['minutes'] for s in stages):.0f} minutes of training.
   Each stage is reproduced by its command (a stage starting from weights reads the previous stage's
   exported `weights/`); every run resumes from `DIR/checkpoint.pt`. {notes}

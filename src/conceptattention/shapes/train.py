@@ -56,6 +56,7 @@ class TrainConfig:
     drop_next_word: bool = False  # keep only the previous word's map (ShapesModel.drop_next_word)
     reader_weight: float = 0.0  # weight of the reading objective (reader_targets; 0: plain denoising)
     reader_t_max: float = 0.8  # the reading objective only counts images noised at most this much
+    reader_blocks: tuple[int, ...] = ()  # double-stream blocks whose text output is read (reader_heads; (): the last)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -126,9 +127,31 @@ def reader_targets(scenes: world.Scenes, texts: list[str], max_tokens: int) -> t
     return targets
 
 
+def read_blocks(cfg: TrainConfig, model: ShapesModel) -> list[int]:
+    """The double-stream blocks whose text output the reading objective reads, in order: ``cfg.reader_blocks``
+    (negative indices count from the end), or the last block when none are named."""
+    n = len(model.transformer.transformer_blocks)
+    named = [int(b) for b in cfg.reader_blocks] or [n - 1]
+    bad = [b for b in named if not -n <= b < n]
+    if bad:
+        raise ConceptAttentionError(f"reader blocks {bad} are not double-stream blocks of this model; it has {n} "
+                                    f"(0 to {n - 1}, or -1 for the last)")
+    return sorted({b % n for b in named})
+
+
+def reader_heads(cfg: TrainConfig, model: ShapesModel) -> torch.nn.ModuleList | None:
+    """The reading objective's heads, one linear read (text width -> colours) per read block; used in training
+    only and never exported. None when the objective is off."""
+    if cfg.reader_weight <= 0:
+        return None
+    width = model.transformer.inner_dim
+    return torch.nn.ModuleList(torch.nn.Linear(width, len(world.COLOR_NAMES)) for _ in read_blocks(cfg, model))
+
+
 def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.device,
-               reader: torch.nn.Module | None = None, parts: dict | None = None) -> torch.Tensor:
-    """The step's loss; with ``reader``, plus the reading objective, whose cross-entropy goes to ``parts["reader"]``."""
+               reader: torch.nn.ModuleList | None = None, parts: dict | None = None) -> torch.Tensor:
+    """The step's loss; with ``reader`` (:func:`reader_heads`), plus the reading objective: its cross-entropy,
+    averaged over the read blocks, goes to ``parts["reader"]`` and each block's to ``parts["reader_each"]``."""
     scenes = training_scenes(cfg, step)
     images, labels = world.render(scenes, device)
     texts = world.captions(scenes, cfg.single_word_rate, cfg.colorless_rate)
@@ -148,17 +171,22 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
         t = torch.where(torch.rand(cfg.batch, generator=g) < cfg.t_uniform, uniform, t)
     t = t.to(device)
     x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
-    text_state: list[torch.Tensor] = []
-    hook = None
-    if reader is not None:  # the text stream as the last double-stream block leaves it
-        last = model.transformer.transformer_blocks[-1]
-        hook = last.register_forward_hook(lambda module, args, output: text_state.append(output[0]))
+    text_state: dict[int, torch.Tensor] = {}
+    hooks = []
+    if reader is not None:  # the text stream as each read double-stream block leaves it
+        blocks = read_blocks(cfg, model)
+        if len(blocks) != len(reader):
+            raise ConceptAttentionError(f"{len(reader)} reader heads for {len(blocks)} read blocks ({blocks})")
+        for b in blocks:
+            def keep(module, args, output, b=b):
+                text_state[b] = output[0]
+            hooks.append(model.transformer.transformer_blocks[b].register_forward_hook(keep))
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             tokens, pooled = model.encode_text(texts)
             pred = model.velocity(x_t, t, tokens, pooled)
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
     error = (pred.float() - (noise - x0)).pow(2)
     if cfg.object_weight == 1.0:
@@ -172,12 +200,15 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
     targets[t > cfg.reader_t_max] = -1
     asked = targets >= 0
     if not bool(asked.any()):
-        return loss + 0.0 * reader.weight.sum()  # every parameter keeps a gradient
-    state = text_state[0][asked].float()
-    logits = reader(torch.nn.functional.layer_norm(state, state.shape[-1:]))  # a scale-free read
-    reading = torch.nn.functional.cross_entropy(logits, targets[asked])
+        return loss + 0.0 * sum(p.sum() for p in reader.parameters())  # every parameter keeps a gradient
+    each = []
+    for head, b in zip(reader, blocks):
+        state = text_state[b][asked].float()
+        logits = head(torch.nn.functional.layer_norm(state, state.shape[-1:]))  # a scale-free read
+        each.append(torch.nn.functional.cross_entropy(logits, targets[asked]))
+    reading = torch.stack(each).mean()
     if parts is not None:
-        parts["reader"] = reading.detach()
+        parts["reader"], parts["reader_each"] = reading.detach(), torch.stack(each).detach()
     return loss + cfg.reader_weight * reading
 
 
@@ -256,9 +287,9 @@ def train(
         model.drop_next_word()
         model_cfg = model.config
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    reader = None
-    if cfg.reader_weight > 0:  # a linear head on the text stream, used in training only (not exported)
-        reader = torch.nn.Linear(model.transformer.inner_dim, len(world.COLOR_NAMES)).to(dev)
+    reader = reader_heads(cfg, model)
+    if reader is not None:
+        reader = reader.to(dev)
     if dev.type == "cuda" and not cfg.bf16:
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 weights, TF32 matrix products
         torch.backends.cudnn.allow_tf32 = True
@@ -275,7 +306,15 @@ def train(
                 f"{ckpt} was {'not ' if 'reader' not in state else ''}trained with the reading objective; resume "
                 f"with the same --reader-weight setting (it was {state['train_config'].get('reader_weight', 0.0)})")
         if reader is not None:
-            reader.load_state_dict(state["reader"])
+            saved = TrainConfig(**{k: v for k, v in state["train_config"].items() if k in TrainConfig.__dataclass_fields__})
+            before, now = read_blocks(saved, model), read_blocks(cfg, model)
+            if before != now:
+                raise ConceptAttentionError(f"{ckpt} read the text stream at blocks {before}; resume with the same "
+                                            f"--reader-blocks (asked: {now})")
+            heads = state["reader"]
+            if "weight" in heads:  # a checkpoint from before reader_blocks kept its one head bare
+                heads = {f"0.{k}": v for k, v in heads.items()}
+            reader.load_state_dict(heads)
         opt.load_state_dict(state["opt"])
         start = state["step"]
         cfg = TrainConfig(**{**asdict(cfg), "steps": max(cfg.steps, start)})
@@ -300,7 +339,7 @@ def train(
             parts: dict[str, torch.Tensor] = {}
             loss = batch_loss(model, step, cfg, dev, reader, parts)
             if "reader" in parts:
-                reading.append(parts["reader"])
+                reading.append(parts["reader_each"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
@@ -315,7 +354,10 @@ def train(
                 mean = torch.stack(running).mean().item()
                 record = {"step": step + 1, "loss": mean, "lr": lr_at(step, cfg), "seconds": time.time() - began}
                 if reading:  # the reading objective's cross-entropy (the loss above includes it, weighted)
-                    record["reader"] = torch.stack(reading).mean().item()
+                    each = torch.stack(reading).mean(0)
+                    record["reader"] = each.mean().item()
+                    if len(each) > 1:  # and per read block, in read_blocks order
+                        record["reader_each"] = [round(x, 5) for x in each.tolist()]
                 running, reading = [], []
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -363,6 +405,8 @@ def main() -> None:
     p.add_argument("--reader-weight", type=float, default=TrainConfig.reader_weight,
                    help="weight of the reading objective: in captions without colours, each shape word's token "
                         "names its object's colour from the image (0: off)")
+    p.add_argument("--reader-blocks", type=int, nargs="+", default=[],
+                   help="double-stream blocks whose text output is read (default: the last)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -378,7 +422,7 @@ def main() -> None:
                       multi_object_rate=a.multi_object_rate,
                       drop_text_mixing=a.drop_text_mixing, text_positions=a.text_positions,
                       text_neighbours=a.text_neighbours, drop_next_word=a.drop_next_word,
-                      reader_weight=a.reader_weight)
+                      reader_weight=a.reader_weight, reader_blocks=tuple(a.reader_blocks))
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 
 
