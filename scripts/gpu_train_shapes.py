@@ -136,6 +136,8 @@ def main() -> None:
                    help="weight of the reading objective (shape words name their object's colour; train.reader_targets)")
     p.add_argument("--reader-blocks", type=int, nargs="+", default=[],
                    help="double-stream blocks the reading objective reads (default: the last; train.read_blocks)")
+    p.add_argument("--reader-at", choices=("block", "attention"), default="block",
+                   help="what the reading objective reads there (train.READ_AT)")
     p.add_argument("--prediction", choices=PREDICTIONS, default="",
                    help="what the transformer outputs (default: the weights' own; velocity from scratch)")
     for name in ("patch", "layers", "single-layers", "heads", "head-dim", "text-layers"):
@@ -169,6 +171,7 @@ def main() -> None:
                       colorless_rate=a.colorless_rate, multi_object_rate=a.multi_object_rate, drop_text_mixing=unmix,
                       text_positions=a.text_positions, text_neighbours=a.text_neighbours,
                       drop_next_word=a.drop_next_word, reader_weight=a.reader_weight, reader_blocks=tuple(a.reader_blocks),
+                      reader_at=a.reader_at,
                       bf16=use_bf16(a.precision, a.device), log_every=50, checkpoint_every=10**9)
     per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, model_cfg, a.device,
                                 max(2, a.probe_steps))

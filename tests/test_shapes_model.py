@@ -17,7 +17,7 @@ from conceptattention.cli import app
 from conceptattention.pipelines.shapes import ShapesPipeline
 from conceptattention.shapes import world
 from conceptattention.shapes.model import WORD_TO_ID, ShapesConfig, ShapesModel, pack, tokenize, unpack
-from conceptattention.shapes.train import TrainConfig, batch_loss, read_blocks, reader_heads, train
+from conceptattention.shapes.train import TrainConfig, batch_loss, read_blocks, reader_heads, text_reads, train
 
 TINY = ShapesConfig(text_dim=32, text_layers=1, text_heads=2, num_layers=3, num_single_layers=1,
                     attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 6, 6))
@@ -934,6 +934,33 @@ def test_reading_at_several_blocks_reads_each_with_its_own_head(tiny_dir, tmp_pa
     assert r.exit_code == 0, r.output
 
     for options, message in ((["--reader-block", "7", "--reader-weight", "0.1"], "not double-stream blocks"),
-                             (["--reader-block", "0"], "give it a --reader-weight above 0")):
+                             (["--reader-block", "0"], "give it a --reader-weight above 0"),
+                             (["--reader-at", "attention"], "give it a --reader-weight above 0"),
+                             (["--reader-at", "keys", "--reader-weight", "0.1"], "reads block or attention, not 'keys'")):
         r = train_briefly(tmp_path / "bad", "--init-from", str(tiny_dir), *options)
         assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_reading_attention_outputs_reads_what_the_output_projection_gets(tiny_dir, tmp_path):
+    torch.manual_seed(0)
+    model = ShapesModel(TINY).eval()
+    attn = model.transformer.transformer_blocks[1].attn
+    projected = {}
+    watch = attn.register_forward_hook(lambda module, args, output: projected.update(text=output[1]))
+    p = model.config.patch
+    x = torch.randn(2, model.grid ** 2, 3 * p * p)
+    tokens, pooled = model.encode_text(["a red circle on grass", "square"])
+    with torch.no_grad(), text_reads(model, [1, 2], "attention") as states:
+        model.velocity(x, torch.tensor([0.3, 0.7]), tokens, pooled)
+    watch.remove()
+    assert set(states) == {1, 2} and states[1].shape == (2, model.config.max_tokens, model.transformer.inner_dim)
+    # the states are the text tokens' attention outputs: projected, they are what the attention returns for text
+    assert torch.allclose(attn.to_add_out(states[1]), projected["text"], atol=1e-6)
+    assert not attn.to_add_out._forward_pre_hooks and not model.transformer.transformer_blocks[2]._forward_hooks
+
+    out = tmp_path / "r"
+    r = train_briefly(out, "--init-from", str(tiny_dir), "--reader-weight", "0.1", "--reader-at", "attention")
+    assert r.exit_code == 0, r.output
+    assert run_meta(out)["train_config"]["reader_at"] == "attention"
+    r = train_briefly(out, "--reader-weight", "0.1", steps=3)  # the heads read other vectors: refused
+    assert r.exit_code == 2 and "resume with the same --reader-at" in r.output, r.output

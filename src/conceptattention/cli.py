@@ -219,6 +219,10 @@ def train_shapes(
         None, help="a double-stream block whose text output the reading objective reads; repeat for several "
         "(e.g. --reader-block 3 --reader-block 4 --reader-block 5: one head each, their cross-entropies averaged; "
         "-1 = the last; default: the last)"),
+    reader_at: Optional[str] = typer.Option(
+        None, help="what the reading objective reads at its blocks: 'block' (the text stream as the block leaves it, "
+        "the default) or 'attention' (the text tokens' attention outputs before the output projection: for a "
+        "concept, the very vector ConceptAttention compares with the image tokens')"),
     prediction: Optional[str] = typer.Option(
         None, help="what the transformer outputs: 'velocity' (as in Flux) or 'sample' (the clean image); with "
         "--init-from a change retrains the output head (default: the weights' own, velocity from scratch)"),
@@ -266,6 +270,11 @@ def train_shapes(
             _fail(ConceptAttentionError("--reader-block says where the reading objective reads; give it a "
                                         "--reader-weight above 0 too"))
         cfg = replace(cfg, reader_blocks=tuple(reader_block))
+    if reader_at is not None:
+        if cfg.reader_weight <= 0:
+            _fail(ConceptAttentionError("--reader-at says what the reading objective reads; give it a "
+                                        "--reader-weight above 0 too"))
+        cfg = replace(cfg, reader_at=reader_at)
     shape = {"patch": patch, "layers": layers, "single_layers": single_layers, "heads": heads, "head_dim": head_dim,
              "text_layers": text_layers}
     resuming = (Path(out) / "checkpoint.pt").is_file()

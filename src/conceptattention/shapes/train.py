@@ -14,6 +14,8 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,6 +59,7 @@ class TrainConfig:
     reader_weight: float = 0.0  # weight of the reading objective (reader_targets; 0: plain denoising)
     reader_t_max: float = 0.8  # the reading objective only counts images noised at most this much
     reader_blocks: tuple[int, ...] = ()  # double-stream blocks whose text output is read (reader_heads; (): the last)
+    reader_at: str = "block"  # what is read there: "block" (the text stream as the block leaves it) or "attention"
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -127,9 +130,16 @@ def reader_targets(scenes: world.Scenes, texts: list[str], max_tokens: int) -> t
     return targets
 
 
+#: What the reading objective reads at a block: the text stream as the block leaves it, or the text tokens'
+#: attention outputs (before the output projection: for a concept, the vector ConceptAttention compares).
+READ_AT = ("block", "attention")
+
+
 def read_blocks(cfg: TrainConfig, model: ShapesModel) -> list[int]:
     """The double-stream blocks whose text output the reading objective reads, in order: ``cfg.reader_blocks``
     (negative indices count from the end), or the last block when none are named."""
+    if cfg.reader_at not in READ_AT:
+        raise ConceptAttentionError(f"the reading objective reads {' or '.join(READ_AT)}, not {cfg.reader_at!r}")
     n = len(model.transformer.transformer_blocks)
     named = [int(b) for b in cfg.reader_blocks] or [n - 1]
     bad = [b for b in named if not -n <= b < n]
@@ -137,6 +147,30 @@ def read_blocks(cfg: TrainConfig, model: ShapesModel) -> list[int]:
         raise ConceptAttentionError(f"reader blocks {bad} are not double-stream blocks of this model; it has {n} "
                                     f"(0 to {n - 1}, or -1 for the last)")
     return sorted({b % n for b in named})
+
+
+@contextmanager
+def text_reads(model: ShapesModel, blocks: list[int], at: str = "block") -> Iterator[dict[int, torch.Tensor]]:
+    """While open, each forward pass leaves in the yielded dict, per double-stream block in ``blocks``, the text
+    tokens' states ``[B, L, width]`` that the reading objective reads (``at``: see :data:`READ_AT`). The hooks
+    are removed on exit, whatever happens inside."""
+    states: dict[int, torch.Tensor] = {}
+    hooks = []
+    try:
+        for b in blocks:
+            block = model.transformer.transformer_blocks[b]
+            if at == "attention":  # the text tokens' attention outputs, as the output projection gets them
+                def keep_input(module, args, b=b):
+                    states[b] = args[0]
+                hooks.append(block.attn.to_add_out.register_forward_pre_hook(keep_input))
+            else:  # the text stream as the block leaves it
+                def keep_output(module, args, output, b=b):
+                    states[b] = output[0]
+                hooks.append(block.register_forward_hook(keep_output))
+        yield states
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def reader_heads(cfg: TrainConfig, model: ShapesModel) -> torch.nn.ModuleList | None:
@@ -171,23 +205,13 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
         t = torch.where(torch.rand(cfg.batch, generator=g) < cfg.t_uniform, uniform, t)
     t = t.to(device)
     x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
-    text_state: dict[int, torch.Tensor] = {}
-    hooks = []
-    if reader is not None:  # the text stream as each read double-stream block leaves it
-        blocks = read_blocks(cfg, model)
-        if len(blocks) != len(reader):
-            raise ConceptAttentionError(f"{len(reader)} reader heads for {len(blocks)} read blocks ({blocks})")
-        for b in blocks:
-            def keep(module, args, output, b=b):
-                text_state[b] = output[0]
-            hooks.append(model.transformer.transformer_blocks[b].register_forward_hook(keep))
-    try:
+    blocks = read_blocks(cfg, model) if reader is not None else []
+    if reader is not None and len(blocks) != len(reader):
+        raise ConceptAttentionError(f"{len(reader)} reader heads for {len(blocks)} read blocks ({blocks})")
+    with text_reads(model, blocks, cfg.reader_at) as text_state:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             tokens, pooled = model.encode_text(texts)
             pred = model.velocity(x_t, t, tokens, pooled)
-    finally:
-        for hook in hooks:
-            hook.remove()
     error = (pred.float() - (noise - x0)).pow(2)
     if cfg.object_weight == 1.0:
         loss = error.mean()
@@ -311,6 +335,9 @@ def train(
             if before != now:
                 raise ConceptAttentionError(f"{ckpt} read the text stream at blocks {before}; resume with the same "
                                             f"--reader-blocks (asked: {now})")
+            if saved.reader_at != cfg.reader_at:
+                raise ConceptAttentionError(f"{ckpt} read the text stream's {saved.reader_at} outputs; resume with "
+                                            f"the same --reader-at (asked: {cfg.reader_at})")
             heads = state["reader"]
             if "weight" in heads:  # a checkpoint from before reader_blocks kept its one head bare
                 heads = {f"0.{k}": v for k, v in heads.items()}
@@ -407,6 +434,8 @@ def main() -> None:
                         "names its object's colour from the image (0: off)")
     p.add_argument("--reader-blocks", type=int, nargs="+", default=[],
                    help="double-stream blocks whose text output is read (default: the last)")
+    p.add_argument("--reader-at", choices=READ_AT, default=TrainConfig.reader_at,
+                   help="read the text stream as the block leaves it, or its attention outputs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
@@ -422,7 +451,8 @@ def main() -> None:
                       multi_object_rate=a.multi_object_rate,
                       drop_text_mixing=a.drop_text_mixing, text_positions=a.text_positions,
                       text_neighbours=a.text_neighbours, drop_next_word=a.drop_next_word,
-                      reader_weight=a.reader_weight, reader_blocks=tuple(a.reader_blocks))
+                      reader_weight=a.reader_weight, reader_blocks=tuple(a.reader_blocks),
+                      reader_at=a.reader_at)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
 
 
