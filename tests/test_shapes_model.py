@@ -117,6 +117,26 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     assert (whole / "model.safetensors").is_file() and (parts / "config.json").is_file()
 
 
+def test_stop_after_keeps_the_schedule_and_resumes_into_the_whole_run(tmp_path):
+    from conceptattention.shapes.train import lr_at
+
+    cfg = TrainConfig(steps=6, batch=4, bf16=False, checkpoint_every=100, log_every=1, warmup=2)
+    whole = torch.load(train(tmp_path / "whole", cfg, TINY, progress=False).parent / "checkpoint.pt",
+                       weights_only=False)
+    train(tmp_path / "parts", cfg, TINY, progress=False, stop_after=3)
+    early = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)
+    assert early["step"] == 3 and json.loads((tmp_path / "parts" / "weights" / "config.json").read_text())["steps"] == 3
+    logs = [json.loads(line) for line in (tmp_path / "parts" / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in logs] == pytest.approx([lr_at(s, cfg) for s in range(3)])  # the 6-step schedule
+    train(tmp_path / "parts", cfg, TINY, progress=False, stop_after=2)  # already past it: nothing is trained
+    assert torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)["step"] == 3
+    train(tmp_path / "parts", cfg, TINY, progress=False)
+    done = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)
+    assert done["step"] == 6 and all(torch.equal(whole["model"][k], done["model"][k]) for k in whole["model"])
+    with pytest.raises(ConceptAttentionError, match="stop_after is a step count"):
+        train(tmp_path / "bad", cfg, TINY, progress=False, stop_after=0)
+
+
 def test_object_weighted_loss_and_init_from_weights(tiny_dir, tmp_path):
     from conceptattention.shapes import world
     from conceptattention.shapes.train import pixel_weights

@@ -230,6 +230,9 @@ def train_shapes(
     precision: str = typer.Option(
         "auto", help="bf16 (autocast), fp32 (TF32 matrix products on CUDA) or auto: bf16 on CPU, fp32 on CUDA"),
     max_seconds: Optional[float] = typer.Option(None, help="stop (with a checkpoint) after this long"),
+    stop_after: Optional[int] = typer.Option(
+        None, help="stop (with a checkpoint and exported weights) after this many steps, keeping the learning-rate "
+        "schedule of --steps: what --max-seconds does, but the same on every machine"),
     patch: Optional[int] = typer.Option(
         None, help="pixels per patch side (default 8; 4 -> 256 tokens); with --init-from, re-patches those weights "
         "to this size, keeping every block"),
@@ -314,7 +317,8 @@ def train_shapes(
     except ConceptAttentionError as err:
         _fail(err)
     try:
-        weights = train(out, cfg, model_cfg, device=device, progress=not quiet, max_seconds=max_seconds)
+        weights = train(out, cfg, model_cfg, device=device, progress=not quiet, max_seconds=max_seconds,
+                        stop_after=stop_after)
     except ConceptAttentionError as err:  # e.g. a --patch that does not divide the --init-from weights' patch
         _fail(err)
     typer.echo(f"weights: {weights}")

@@ -270,8 +270,15 @@ def train(
     device: str = "cpu",
     progress: bool = True,
     max_seconds: float | None = None,
+    stop_after: int | None = None,
 ) -> Path:
-    """Train (or resume) into ``out``; returns the directory of the exported EMA weights."""
+    """Train (or resume) into ``out``; returns the directory of the exported EMA weights.
+
+    ``max_seconds`` and ``stop_after`` (a step count) stop the run early, with a checkpoint and exported
+    weights, keeping the learning-rate schedule of ``cfg.steps``; unlike a time limit, ``stop_after`` gives the
+    same weights on any machine."""
+    if stop_after is not None and stop_after < 1:
+        raise ConceptAttentionError(f"stop_after is a step count, 1 or more, not {stop_after}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = cfg or TrainConfig()
@@ -360,7 +367,8 @@ def train(
         bar = tqdm(total=cfg.steps, initial=start, desc="train-shapes", unit="step")
     began, step, running, reading = time.time(), start, [], []
     try:
-        for step in range(start, cfg.steps):
+        last = cfg.steps if stop_after is None else min(cfg.steps, max(start, stop_after))  # a run past it: no step
+        for step in range(start, last):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             parts: dict[str, torch.Tensor] = {}
@@ -391,7 +399,8 @@ def train(
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean:.4f}")
             done = step + 1
-            out_of_time = max_seconds is not None and time.time() - began > max_seconds
+            out_of_time = (max_seconds is not None and time.time() - began > max_seconds) or (
+                stop_after is not None and done >= stop_after)
             if done % cfg.checkpoint_every == 0 or stop["now"] or out_of_time or done == cfg.steps:
                 _save_checkpoint(ckpt, model, ema, opt, done, cfg, model_cfg, reader)
                 ema.save(out / "weights", extra={"steps": done, "train_config": asdict(cfg)})
@@ -438,6 +447,8 @@ def main() -> None:
                    help="read the text stream as the block leaves it, or its attention outputs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps, keeping the learning-rate schedule of --steps")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on CPU, float32 with TF32 on CUDA")
@@ -453,7 +464,7 @@ def main() -> None:
                       text_neighbours=a.text_neighbours, drop_next_word=a.drop_next_word,
                       reader_weight=a.reader_weight, reader_blocks=tuple(a.reader_blocks),
                       reader_at=a.reader_at)
-    train(a.out, cfg, device=a.device, max_seconds=a.max_seconds)
+    train(a.out, cfg, device=a.device, max_seconds=a.max_seconds, stop_after=a.stop_after)
 
 
 if __name__ == "__main__":
