@@ -101,7 +101,8 @@ def recorded_stages(weights: Path) -> list[dict]:
 def _reading(train_config: dict) -> str:
     """A stage's reading weight, with the blocks it read when they were named (the last block otherwise)."""
     weight, blocks = train_config.get("reader_weight", 0.0), train_config.get("reader_blocks") or []
-    return f"{weight} at blocks {', '.join(str(b) for b in blocks)}" if weight and blocks else f"{weight}"
+    text = f"{weight} at blocks {', '.join(str(b) for b in blocks)}" if weight and blocks else f"{weight}"
+    return text + (" (attention outputs)" if weight and train_config.get("reader_at") == "attention" else "")
 
 
 def _precision(cfg: dict) -> str:
@@ -201,7 +202,8 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
   "reading weight" the weight of the reading objective (in captions that name no colour, each shape word's
   token names its object's colour from the image through a linear head used only in training; 0: none),
   read where the last double-stream block leaves the text stream unless blocks are named ("at blocks 3, 4, 5":
-  one head each, their cross-entropies averaged);
+  one head each, their cross-entropies averaged) and, with "(attention outputs)", reading the text tokens'
+  attention outputs before the output projection instead;
 - {total} steps in {len(stages)} stage(s), {sum(s['minutes'] for s in stages):.0f} minutes of training.
   Each stage is reproduced by its command (a stage starting from weights reads the previous stage's
   exported `weights/`); every run resumes from `DIR/checkpoint.pt`. {notes}
