@@ -940,7 +940,7 @@ def test_reading_at_several_blocks_reads_each_with_its_own_head(tiny_dir, tmp_pa
     assert r.exit_code == 0, r.output
     assert run_meta(out)["train_config"]["reader_blocks"] == [0, -1]
     r = train_briefly(out, "--reader-weight", "0.1", steps=3)  # the same weight, read at other blocks
-    assert r.exit_code == 2 and "resume with the same --reader-blocks" in r.output, r.output
+    assert r.exit_code == 2 and "resume with the same --reader-block options" in r.output, r.output
     r = train_briefly(out, "--reader-weight", "0.1", "--reader-block", "0", "--reader-block", "2", steps=3)
     assert r.exit_code == 0, r.output  # -1 and 2 name the same block
 

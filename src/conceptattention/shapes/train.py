@@ -341,7 +341,7 @@ def train(
             before, now = read_blocks(saved, model), read_blocks(cfg, model)
             if before != now:
                 raise ConceptAttentionError(f"{ckpt} read the text stream at blocks {before}; resume with the same "
-                                            f"--reader-blocks (asked: {now})")
+                                            f"--reader-block options (asked: {now})")
             if saved.reader_at != cfg.reader_at:
                 raise ConceptAttentionError(f"{ckpt} read the text stream's {saved.reader_at} outputs; resume with "
                                             f"the same --reader-at (asked: {cfg.reader_at})")
@@ -399,12 +399,12 @@ def train(
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean:.4f}")
             done = step + 1
-            out_of_time = (max_seconds is not None and time.time() - began > max_seconds) or (
+            cut_short = (max_seconds is not None and time.time() - began > max_seconds) or (
                 stop_after is not None and done >= stop_after)
-            if done % cfg.checkpoint_every == 0 or stop["now"] or out_of_time or done == cfg.steps:
+            if done % cfg.checkpoint_every == 0 or stop["now"] or cut_short or done == cfg.steps:
                 _save_checkpoint(ckpt, model, ema, opt, done, cfg, model_cfg, reader)
                 ema.save(out / "weights", extra={"steps": done, "train_config": asdict(cfg)})
-            if stop["now"] or out_of_time:
+            if stop["now"] or cut_short:
                 break
     finally:
         log.close()
