@@ -38,7 +38,7 @@ import torch
 from conceptattention.shapes.benchmark import VALIDATION_SEED
 from conceptattention.shapes.binding import binding, two_object_scenes
 from conceptattention.shapes.model import PREDICTIONS, ShapesModel, architecture
-from conceptattention.shapes.train import TrainConfig, train, use_bf16
+from conceptattention.shapes.train import READ_AT, TrainConfig, train, use_bf16
 
 SHARD_PATTERN = "model-{index:02d}.safetensors"
 
@@ -136,7 +136,7 @@ def main() -> None:
                    help="weight of the reading objective (shape words name their object's colour; train.reader_targets)")
     p.add_argument("--reader-blocks", type=int, nargs="+", default=[],
                    help="double-stream blocks the reading objective reads (default: the last; train.read_blocks)")
-    p.add_argument("--reader-at", choices=("block", "attention"), default="block",
+    p.add_argument("--reader-at", choices=READ_AT, default=TrainConfig.reader_at,
                    help="what the reading objective reads there (train.READ_AT)")
     p.add_argument("--prediction", choices=PREDICTIONS, default="",
                    help="what the transformer outputs (default: the weights' own; velocity from scratch)")

@@ -268,16 +268,13 @@ def train_shapes(
             _fail(ConceptAttentionError(f"{name} is a share of the batch, between 0 and 1, not {value}"))
     if reader_weight is not None and reader_weight < 0:
         _fail(ConceptAttentionError(f"--reader-weight is a loss weight, 0 or more, not {reader_weight}"))
-    if reader_block:
-        if cfg.reader_weight <= 0:
-            _fail(ConceptAttentionError("--reader-block says where the reading objective reads; give it a "
-                                        "--reader-weight above 0 too"))
-        cfg = replace(cfg, reader_blocks=tuple(reader_block))
-    if reader_at is not None:
-        if cfg.reader_weight <= 0:
-            _fail(ConceptAttentionError("--reader-at says what the reading objective reads; give it a "
-                                        "--reader-weight above 0 too"))
-        cfg = replace(cfg, reader_at=reader_at)
+    for option, what, field, value in (("--reader-block", "where", "reader_blocks", tuple(reader_block or ())),
+                                       ("--reader-at", "what", "reader_at", reader_at)):
+        if value:
+            if cfg.reader_weight <= 0:
+                _fail(ConceptAttentionError(f"{option} says {what} the reading objective reads; give it a "
+                                            "--reader-weight above 0 too"))
+            cfg = replace(cfg, **{field: value})
     shape = {"patch": patch, "layers": layers, "single_layers": single_layers, "heads": heads, "head_dim": head_dim,
              "text_layers": text_layers}
     resuming = (Path(out) / "checkpoint.pt").is_file()

@@ -230,9 +230,10 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
         state = text_state[b][asked].float()
         logits = head(torch.nn.functional.layer_norm(state, state.shape[-1:]))  # a scale-free read
         each.append(torch.nn.functional.cross_entropy(logits, targets[asked]))
-    reading = torch.stack(each).mean()
+    each = torch.stack(each)
+    reading = each.mean()
     if parts is not None:
-        parts["reader"], parts["reader_each"] = reading.detach(), torch.stack(each).detach()
+        parts["reader"], parts["reader_each"] = reading.detach(), each.detach()
     return loss + cfg.reader_weight * reading
 
 
