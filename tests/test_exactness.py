@@ -123,3 +123,21 @@ def test_low_precision_maps_track_fp32(dtype):
         with ConceptAttention(model, concepts(4)) as low:
             model(**flux_inputs(dtype=dtype))
     assert (low.maps() - ref.maps()).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_differentiable_sessions_give_the_same_maps_with_gradients(family):
+    model = tiny_flux(layers=3) if family == "flux" else tiny_sd3(layers=3)
+    inputs = flux_inputs(batch=2) if family == "flux" else sd3_inputs(batch=2)
+    embeds = concepts(4)
+    with torch.no_grad(), ConceptAttention(model, embeds, layers=[0, 2]) as plain:
+        model(**inputs)
+    assert not plain.token_maps().requires_grad
+    leaf = embeds.clone().requires_grad_(True)
+    with ConceptAttention(model, leaf, layers=[0, 2], differentiable=True) as ca:
+        model(**inputs)
+    maps = ca.token_maps()
+    assert rel_err(maps.detach(), plain.token_maps()) <= 1e-6
+    (maps[:, 0] * torch.linspace(0, 1, maps.shape[-1])).sum().backward()  # a map-shaped objective
+    assert leaf.grad.abs().sum() > 0  # it reaches the concept embeddings ...
+    assert next(model.transformer_blocks[0].parameters()).grad is not None  # ... and the transformer's weights

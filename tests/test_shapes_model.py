@@ -984,3 +984,89 @@ def test_reading_attention_outputs_reads_what_the_output_projection_gets(tiny_di
     assert run_meta(out)["train_config"]["reader_at"] == "attention"
     r = train_briefly(out, "--reader-weight", "0.1", steps=3)  # the heads read other vectors: refused
     assert r.exit_code == 2 and "resume with the same --reader-at" in r.output, r.output
+
+
+def test_true_concepts_are_the_words_whose_masks_are_not_empty():
+    scenes = world.sample_scenes(64, seed=5)
+    _, labels = world.render(scenes)
+    expected = torch.stack([world.concept_mask(scenes, labels, word).flatten(1).any(1) for word in world.CONCEPTS], 1)
+    assert torch.equal(world.true_concepts(scenes), expected)
+    assert 0 < expected[:, :3].sum(1).float().mean() < 3  # some images hold one shape, some several
+
+
+def test_true_concept_loss_is_minus_log_the_true_share_of_the_softmax():
+    from conceptattention.shapes.train import true_concept_loss
+
+    torch.manual_seed(0)
+    scores = [torch.randn(3, 4, 5, requires_grad=True), torch.randn(3, 4, 5)]
+    true = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    asked = torch.tensor([True, True, False])
+    expected = []
+    for raw in scores:  # per block: images 0 and 1, every token, -log(sum of the true concepts' softmax shares)
+        share = raw.softmax(1)
+        expected.append(torch.stack([-(share[i] * true[i, :, None]).sum(0).log() for i in (0, 1)]).mean())
+    loss = true_concept_loss(scores, true, asked)
+    assert torch.allclose(loss, torch.stack(expected).mean())
+    loss.backward()
+    assert scores[0].grad[2].abs().sum() == 0 and scores[0].grad[:2].abs().sum() > 0  # image 2 is not asked
+    # an image whose every concept is true costs nothing; none asked: zero, still differentiable
+    assert true_concept_loss(scores, true, torch.tensor([False, False, True])).abs() < 1e-6
+    assert true_concept_loss(scores, true, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+
+
+def test_the_image_label_objective_scores_the_concept_streams_maps_and_trains_them(tiny_dir, tmp_path):
+    from conceptattention.shapes.train import concept_blocks, concept_scores, true_concept_loss
+
+    torch.manual_seed(0)
+    model = ShapesModel(TINY)  # 3 double-stream blocks, no map layers of its own: the core default
+    cfg = TrainConfig(batch=6, bf16=False, concept_weight=0.5)
+    assert concept_blocks(cfg, model) == list(ShapesPipeline(model).default_layers)  # what the maps read by default
+    assert concept_blocks(replace(cfg, concept_blocks=(-1, 0)), model) == [0, 2]
+    with pytest.raises(ConceptAttentionError, match="not double-stream blocks of this model; it has 3"):
+        concept_blocks(replace(cfg, concept_blocks=(5,)), model)
+    plain = batch_loss(model, 0, replace(cfg, concept_weight=0.0), torch.device("cpu"))
+    parts = {}
+    total = batch_loss(model, 0, cfg, torch.device("cpu"), parts=parts)
+    assert parts["concepts"] > 0 and torch.allclose(total, plain + 0.5 * parts["concepts"])
+    total.backward()  # the objective reaches the concept stream's text weights and the image side
+    block = model.transformer.transformer_blocks[1]
+    assert block.attn.add_q_proj.weight.grad.abs().sum() > 0 and block.attn.to_q.weight.grad.abs().sum() > 0
+
+    # the scores are ConceptAttention's: their softmax averaged over the blocks is the pipeline's map
+    pipe = ShapesPipeline(model.eval())
+    scenes = world.sample_scenes(2, seed=3)
+    images, _ = world.render(scenes)
+    captions = world.captions(scenes)
+    inputs, _ = pipe._noisy_inputs(list(images), captions, 0.5, 1, [7, 8])
+    with torch.no_grad(), concept_scores(model, [1, 2]) as scores, text_reads(model, [1], "attention") as states:
+        model.transformer(**inputs)
+    assert len(scores) == 2 and scores[0].shape == (2, len(world.CONCEPTS), model.grid ** 2)
+    assert states[1].shape[1] == model.config.max_tokens  # the reading hooks keep the prompt's states, not the concepts'
+    maps = pipe.token_maps(list(images), list(world.CONCEPTS), captions, samples=1, seeds=[7, 8], layers=[1, 2])
+    expected = torch.stack([s.softmax(1) for s in scores]).mean(0)
+    torch.testing.assert_close(maps["concept_attention"].flatten(2), expected, atol=1e-5, rtol=1e-4)
+    true = world.true_concepts(scenes)
+    assert true_concept_loss(scores, true, torch.ones(2, dtype=torch.bool)) > 0
+    assert not model.transformer.transformer_blocks[1]._forward_hooks  # the stream is unhooked on exit
+
+    # a few steps lower it
+    model = ShapesModel(TINY)
+    cfg = TrainConfig(batch=8, bf16=False, concept_weight=1.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    seen = []
+    for _ in range(9):
+        parts = {}
+        loss = batch_loss(model, 0, cfg, torch.device("cpu"), parts=parts)
+        seen.append(parts["concepts"].item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert seen[-1] < 0.5 * seen[0], seen
+
+    out = tmp_path / "c"
+    r = train_briefly(out, "--init-from", str(tiny_dir), "--concept-weight", "0.1", "--concept-block", "2")
+    assert r.exit_code == 0, r.output
+    meta = run_meta(out)["train_config"]
+    assert meta["concept_weight"] == 0.1 and meta["concept_blocks"] == [2]
+    r = CliRunner().invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), "--concept-block", "1", "--quiet"])
+    assert r.exit_code == 2 and "give it a --concept-weight above 0 too" in r.output

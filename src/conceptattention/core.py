@@ -62,6 +62,9 @@ class ConceptAttention:
             pooled-text vector) or ``"prompt"`` (the prompt's own modulation).
         grid: token grid ``(h, w)`` of the image, when it cannot be read from the call's inputs.
         adapter: force an adapter instead of picking one by the transformer's class.
+        differentiable: keep the autograd graph through the concept stream and its scores (the concept
+            embeddings are not detached), for training objectives on the maps; off by default, where the
+            stream runs under ``torch.no_grad`` and costs no memory for gradients.
 
     Example::
 
@@ -81,8 +84,10 @@ class ConceptAttention:
         concept_pooled: str = "zero",
         grid: tuple[int, int] | None = None,
         adapter: MMDiTAdapter | None = None,
+        differentiable: bool = False,
     ) -> None:
         self.transformer = transformer
+        self.differentiable = bool(differentiable)
         self.adapter = adapter if adapter is not None else get_adapter(transformer)
         self._blocks = list(self.adapter.double_blocks(transformer))
         self.concept_embeds = self._check_embeds(concept_embeds)
@@ -127,7 +132,7 @@ class ConceptAttention:
             )
         if not torch.is_floating_point(embeds):
             raise ConceptAttentionError(f"concept_embeds must be floating point, not {embeds.dtype}")
-        return embeds.detach()
+        return embeds if self.differentiable else embeds.detach()
 
     def _check_layers(self, layers: Sequence[int] | None) -> tuple[int, ...]:
         n = len(self._blocks)
@@ -291,7 +296,7 @@ class ConceptAttention:
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if self._active:
-                with torch.no_grad():
+                with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
                     self._concept_block(index, module)
             if index == last and self._stop_early:
                 raise _StopForward
@@ -303,7 +308,8 @@ class ConceptAttention:
         embeds = self._embeds_on.get((like.device, like.dtype))
         if embeds is None:  # one copy per device/dtype, not one per call
             embeds = self.concept_embeds.to(device=like.device, dtype=like.dtype)
-            self._embeds_on[(like.device, like.dtype)] = embeds
+            if not self.differentiable:  # a kept copy would carry one call's graph into the next
+                self._embeds_on[(like.device, like.dtype)] = embeds
         if embeds.ndim == 2:
             embeds = embeds.unsqueeze(0)
         if embeds.shape[0] not in (1, batch):

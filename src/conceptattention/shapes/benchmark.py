@@ -30,7 +30,7 @@ from . import scorer, world
 from .train import HELDOUT_SEED
 
 VALIDATION_SEED = 31_337
-CONCEPTS: tuple[str, ...] = (*world.SHAPES, *world.COLOR_NAMES, *world.BACKGROUNDS, "background")
+CONCEPTS: tuple[str, ...] = world.CONCEPTS
 # the concept words by kind, for the per-kind mIoU (which words' maps work and which do not)
 WORD_KINDS: dict[str, tuple[str, ...]] = {"shape": tuple(world.SHAPES), "colour": tuple(world.COLOR_NAMES),
                                           "scene": tuple(world.BACKGROUNDS), "background": ("background",)}

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from ..core import ConceptAttention, default_layers
 from ..errors import ConceptAttentionError
+from ..readouts import layer_scores
 from . import world
 from .model import PREDICTIONS, ShapesConfig, ShapesModel, pack
 
@@ -60,6 +62,9 @@ class TrainConfig:
     reader_t_max: float = 0.8  # the reading objective only counts images noised at most this much
     reader_blocks: tuple[int, ...] = ()  # double-stream blocks whose text output is read (reader_heads; (): the last)
     reader_at: str = "block"  # what is read there: "block" (the text stream as the block leaves it) or "attention"
+    concept_weight: float = 0.0  # weight of the image-label objective on the maps (true_concept_loss; 0: off)
+    concept_t_max: float = 0.8  # that objective only counts images noised at most this much
+    concept_blocks: tuple[int, ...] = ()  # double-stream blocks whose maps it scores ((): the model's map layers)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -151,17 +156,17 @@ def read_blocks(cfg: TrainConfig, model: ShapesModel) -> list[int]:
 
 @contextmanager
 def text_reads(model: ShapesModel, blocks: list[int], at: str = "block") -> Iterator[dict[int, torch.Tensor]]:
-    """While open, each forward pass leaves in the yielded dict, per double-stream block in ``blocks``, the text
-    tokens' states ``[B, L, width]`` that the reading objective reads (``at``: see :data:`READ_AT`). The hooks
-    are removed on exit, whatever happens inside."""
+    """While open, a forward pass leaves in the yielded dict, per double-stream block in ``blocks``, the text
+    tokens' states ``[B, L, width]`` that the reading objective reads (``at``: see :data:`READ_AT`); one pass
+    per opening (a later pass's states are not kept). The hooks are removed on exit, whatever happens inside."""
     states: dict[int, torch.Tensor] = {}
     hooks = []
     try:
         for b in blocks:
             block = model.transformer.transformer_blocks[b]
             if at == "attention":  # the text tokens' attention outputs, as the output projection gets them
-                def keep_input(module, args, b=b):
-                    states[b] = args[0]
+                def keep_input(module, args, b=b):  # the first call is the prompt's: a ConceptAttention
+                    states.setdefault(b, args[0])    # stream in the same pass projects its concepts after it
                 hooks.append(block.attn.to_add_out.register_forward_pre_hook(keep_input))
             else:  # the text stream as the block leaves it
                 def keep_output(module, args, output, b=b):
@@ -171,6 +176,64 @@ def text_reads(model: ShapesModel, blocks: list[int], at: str = "block") -> Iter
     finally:
         for hook in hooks:
             hook.remove()
+
+
+class _LayerScores(ConceptAttention):
+    """ConceptAttention that keeps, with their autograd graph, each read block's raw scores ``o_x · o_c``
+    ``[B, K, N]`` (before the softmax over concepts) in ``self.scores``, in block order."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.scores: list[torch.Tensor] = []
+
+    def _accumulate(self, image_out, concept_out, image_value, image_key, step) -> None:
+        k = self.num_concepts
+        self.scores.append(layer_scores("output", image_out=image_out, concept_out=concept_out[:, :k],
+                                        image_value=image_value, concept_value=step.value[:, :, :k],
+                                        image_key=image_key, concept_query=step.query[:, :, :k]))
+
+
+def concept_blocks(cfg: TrainConfig, model: ShapesModel) -> list[int]:
+    """The double-stream blocks whose maps the image-label objective scores: ``cfg.concept_blocks``, or the
+    model's own map layers (those ConceptAttention reads by default)."""
+    n = len(model.transformer.transformer_blocks)
+    named = [int(b) for b in cfg.concept_blocks] or list(model.config.map_layers or default_layers(n))
+    bad = [b for b in named if not -n <= b < n]
+    if bad:
+        raise ConceptAttentionError(f"concept blocks {bad} are not double-stream blocks of this model; it has {n} "
+                                    f"(0 to {n - 1}, or -1 for the last)")
+    return sorted({b % n for b in named})
+
+
+@contextmanager
+def concept_scores(model: ShapesModel, blocks: list[int]) -> Iterator[list[torch.Tensor]]:
+    """While open, a forward pass of ``model`` also runs ConceptAttention's concept stream for every word of
+    :data:`world.CONCEPTS` (encoded alone, as the maps encode them) and leaves each block's raw scores in
+    the yielded list, differentiable. No blocks: nothing is hooked and the list stays empty."""
+    if not blocks:
+        yield []
+        return
+    embeds = model.encode_concepts(list(world.CONCEPTS))
+    with _LayerScores(model.transformer, embeds, layers=blocks, differentiable=True) as session:
+        yield session.scores
+
+
+def true_concept_loss(scores: list[torch.Tensor], true: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
+    """The image-label objective on the maps: at every image token, the concepts true of the image
+    (``true`` ``[B, K]``, :func:`world.true_concepts`) should hold the softmax over concepts between them,
+    so that no absent word takes pixels (``blue`` the background of a gray image, say). Per block, the mean
+    over tokens of ``-log`` (the true concepts' summed share), averaged over blocks and over the images in
+    ``asked`` ``[B]``. It uses which words are true of an image, never where: which true word takes which
+    token is left to the model. Zero (with a graph) when no image is asked."""
+    if not bool(asked.any()):
+        return sum(s.sum() for s in scores) * 0.0
+    losses = []
+    for raw in scores:  # [B, K, N]
+        raw = raw[asked].float()
+        log_all = raw.logsumexp(1)
+        log_true = raw.masked_fill(~true[asked][:, :, None], float("-inf")).logsumexp(1)
+        losses.append((log_all - log_true).mean())
+    return torch.stack(losses).mean()
 
 
 def reader_heads(cfg: TrainConfig, model: ShapesModel) -> torch.nn.ModuleList | None:
@@ -208,8 +271,9 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
     blocks = read_blocks(cfg, model) if reader is not None else []
     if reader is not None and len(blocks) != len(reader):
         raise ConceptAttentionError(f"{len(reader)} reader heads for {len(blocks)} read blocks ({blocks})")
-    with text_reads(model, blocks, cfg.reader_at) as text_state:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+    scored = concept_blocks(cfg, model) if cfg.concept_weight > 0 else []
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with text_reads(model, blocks, cfg.reader_at) as text_state, concept_scores(model, scored) as scores:
             tokens, pooled = model.encode_text(texts)
             pred = model.velocity(x_t, t, tokens, pooled)
     error = (pred.float() - (noise - x0)).pow(2)
@@ -218,6 +282,12 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
     else:
         weights = pixel_weights(labels, cfg.object_weight, model.config.patch)
         loss = (error * weights).sum() / weights.sum()
+    if scored:
+        labels_true = world.true_concepts(scenes).to(device)
+        maps = true_concept_loss(scores, labels_true, t <= cfg.concept_t_max)
+        if parts is not None:
+            parts["concepts"] = maps.detach()
+        loss = loss + cfg.concept_weight * maps
     if reader is None:
         return loss
     targets = reader_targets(scenes, texts, model.config.max_tokens).to(device)
@@ -366,7 +436,7 @@ def train(
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train-shapes", unit="step")
-    began, step, running, reading = time.time(), start, [], []
+    began, step, running, reading, mapping = time.time(), start, [], [], []
     try:
         last = cfg.steps if stop_after is None else min(cfg.steps, max(start, stop_after))  # a run past it: no step
         for step in range(start, last):
@@ -376,6 +446,8 @@ def train(
             loss = batch_loss(model, step, cfg, dev, reader, parts)
             if "reader" in parts:
                 reading.append(parts["reader_each"])
+            if "concepts" in parts:
+                mapping.append(parts["concepts"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
@@ -394,7 +466,9 @@ def train(
                     record["reader"] = each.mean().item()
                     if len(each) > 1:  # and per read block, in read_blocks order
                         record["reader_each"] = [round(x, 5) for x in each.tolist()]
-                running, reading = [], []
+                if mapping:  # the image-label objective on the maps, unweighted (the loss above includes it)
+                    record["concepts"] = torch.stack(mapping).mean().item()
+                running, reading, mapping = [], [], []
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if bar is not None:
@@ -446,6 +520,11 @@ def main() -> None:
                    help="double-stream blocks whose text output is read (default: the last)")
     p.add_argument("--reader-at", choices=READ_AT, default=TrainConfig.reader_at,
                    help="read the text stream as the block leaves it, or its attention outputs")
+    p.add_argument("--concept-weight", type=float, default=TrainConfig.concept_weight,
+                   help="weight of the image-label objective on the maps: at every image token, the concept words "
+                        "true of the image must hold ConceptAttention's softmax over concepts (0: off)")
+    p.add_argument("--concept-blocks", type=int, nargs="+", default=[],
+                   help="double-stream blocks whose maps it scores (default: the model's map layers)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--stop-after", type=int, default=None,
@@ -464,7 +543,8 @@ def main() -> None:
                       drop_text_mixing=a.drop_text_mixing, text_positions=a.text_positions,
                       text_neighbours=a.text_neighbours, drop_next_word=a.drop_next_word,
                       reader_weight=a.reader_weight, reader_blocks=tuple(a.reader_blocks),
-                      reader_at=a.reader_at)
+                      reader_at=a.reader_at, concept_weight=a.concept_weight,
+                      concept_blocks=tuple(a.concept_blocks))
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds, stop_after=a.stop_after)
 
 

@@ -37,6 +37,8 @@ COLORS = {
 }
 COLOR_NAMES = tuple(COLORS)
 BACKGROUNDS = ("gray", "grass", "sky")
+#: Every concept word with a mask: the shapes, the colours, the background names and the word "background".
+CONCEPTS: tuple[str, ...] = (*SHAPES, *COLOR_NAMES, *BACKGROUNDS, "background")
 MAX_OBJECTS = 3
 R_RANGE = (0.17 * SIZE, 0.28 * SIZE)
 CANDIDATES = 32  # placement tries per image
@@ -247,6 +249,18 @@ def render(scenes: Scenes, device: torch.device | str = "cpu") -> tuple[torch.Te
         image = torch.where(m, rgb, image)
         labels = torch.where(masks[:, s], s + 1, labels)
     return image, labels
+
+
+def true_concepts(scenes: Scenes) -> torch.Tensor:
+    """Which of :data:`CONCEPTS` are true of each image, ``[n, len(CONCEPTS)]`` bool: the image-level labels
+    (a word is true where its mask is not empty), from the scene parameters alone. Objects never fill the
+    image, so "background" is always true."""
+    n = len(scenes)
+    present = scenes.present
+    shapes = torch.stack([((scenes.shape == i) & present).any(1) for i in range(len(SHAPES))], 1)
+    colours = torch.stack([((scenes.color == i) & present).any(1) for i in range(len(COLOR_NAMES))], 1)
+    backgrounds = torch.nn.functional.one_hot(scenes.background, len(BACKGROUNDS)).bool()
+    return torch.cat([shapes, colours, backgrounds, torch.ones(n, 1, dtype=torch.bool)], 1)
 
 
 def concept_mask(scenes: Scenes, labels: torch.Tensor, word: str) -> torch.Tensor:
