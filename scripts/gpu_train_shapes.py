@@ -138,6 +138,10 @@ def main() -> None:
                    help="double-stream blocks the reading objective reads (default: the last; train.read_blocks)")
     p.add_argument("--reader-at", choices=READ_AT, default=TrainConfig.reader_at,
                    help="what the reading objective reads there (train.READ_AT)")
+    p.add_argument("--concept-weight", type=float, default=TrainConfig.concept_weight,
+                   help="weight of the image-label objective on the maps (train.true_concept_loss)")
+    p.add_argument("--concept-blocks", type=int, nargs="+", default=[],
+                   help="double-stream blocks whose maps it scores (default: the model's map layers; train.concept_blocks)")
     p.add_argument("--prediction", choices=PREDICTIONS, default="",
                    help="what the transformer outputs (default: the weights' own; velocity from scratch)")
     for name in ("patch", "layers", "single-layers", "heads", "head-dim", "text-layers"):
@@ -171,7 +175,7 @@ def main() -> None:
                       colorless_rate=a.colorless_rate, multi_object_rate=a.multi_object_rate, drop_text_mixing=unmix,
                       text_positions=a.text_positions, text_neighbours=a.text_neighbours,
                       drop_next_word=a.drop_next_word, reader_weight=a.reader_weight, reader_blocks=tuple(a.reader_blocks),
-                      reader_at=a.reader_at,
+                      reader_at=a.reader_at, concept_weight=a.concept_weight, concept_blocks=tuple(a.concept_blocks),
                       bf16=use_bf16(a.precision, a.device), log_every=50, checkpoint_every=10**9)
     per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, model_cfg, a.device,
                                 max(2, a.probe_steps))

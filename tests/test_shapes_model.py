@@ -317,7 +317,7 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
         (run / "weights").mkdir(parents=True)
         meta = {"config": {"prediction": "sample", "patch": 4, "text_layers": 0} if i else {"patch": 8}, "steps": steps, "train_config": {"lr": 0.001 * (i + 1), "init_from": init, "seed": i,
                                                                 "warmup": 5, "object_weight": 1.0 + 3 * i,
-                                                                **({"multi_object_rate": 0.5, "reader_weight": 0.05, "reader_blocks": [3, 5], "reader_at": "attention"} if i else {})}}
+                                                                **({"multi_object_rate": 0.5, "reader_weight": 0.05, "reader_blocks": [3, 5], "reader_at": "attention", "concept_weight": 0.02} if i else {})}}
         (run / "weights" / "config.json").write_text(json.dumps(meta))
         (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "seconds": 6.0 * s})
                                                   for s in range(10, steps + 1, 10)))
@@ -331,10 +331,10 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     assert "| 1 | scratch | 40 | 0.001 |" in card and "| 2 | stage 1 weights | 20 | 0.002 |" in card
     assert "| a test machine | 4 | `train-shapes --out run0`" in card and "| a GPU | 2 | `train-shapes --out run1`" in card
     assert "`train-shapes --out run1`" in card and "Stage 1: a note" in card and "60 steps in 2 stage(s)" in card
-    # each stage's reading weight (0 for a config from before the option), patch size, text layers (2 likewise)
-    # and what it predicts
-    assert "| 1.0 | 0.0 | 0.0 | 0.0 | 0.0 | 8 | 2 | velocity |" in card
-    assert "| 4.0 | 0.0 | 0.0 | 0.5 | 0.05 at blocks 3, 5 (attention outputs) | 4 | 0 | sample |" in card
+    # each stage's reading and image-label weights (0 for a config from before the options), patch size, text
+    # layers (2 likewise) and what it predicts
+    assert "| 1.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 8 | 2 | velocity |" in card
+    assert "| 4.0 | 0.0 | 0.0 | 0.5 | 0.05 at blocks 3, 5 (attention outputs) | 0.02 | 4 | 0 | sample |" in card
     assert "RoPE positions are token indices" not in card  # positions are plain token indices (rope_scale 1)
     assert "prompt tokens' position ids:\n  zeros, as Flux's pipelines pass them;" in card
     assert "| 60 | 0.0500 |" in card  # the second stage's last log line, counted from the first stage
