@@ -140,6 +140,8 @@ def main() -> None:
                    help="what the reading objective reads there (train.READ_AT)")
     p.add_argument("--concept-weight", type=float, default=TrainConfig.concept_weight,
                    help="weight of the image-label objective on the maps (train.true_concept_loss)")
+    p.add_argument("--coreference-weight", type=float, default=TrainConfig.coreference_weight,
+                   help="weight of the co-reference objective on the maps (train.coreference_loss)")
     p.add_argument("--concept-blocks", type=int, nargs="+", default=[],
                    help="double-stream blocks whose maps it scores (default: the model's map layers; train.concept_blocks)")
     p.add_argument("--prediction", choices=PREDICTIONS, default="",
@@ -176,6 +178,7 @@ def main() -> None:
                       text_positions=a.text_positions, text_neighbours=a.text_neighbours,
                       drop_next_word=a.drop_next_word, reader_weight=a.reader_weight, reader_blocks=tuple(a.reader_blocks),
                       reader_at=a.reader_at, concept_weight=a.concept_weight, concept_blocks=tuple(a.concept_blocks),
+                      coreference_weight=a.coreference_weight,
                       bf16=use_bf16(a.precision, a.device), log_every=50, checkpoint_every=10**9)
     per_step = seconds_per_step(a.run.parent / f"{a.run.name}-calibration", cfg, model_cfg, a.device,
                                 max(2, a.probe_steps))

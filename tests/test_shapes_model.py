@@ -317,7 +317,7 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
         (run / "weights").mkdir(parents=True)
         meta = {"config": {"prediction": "sample", "patch": 4, "text_layers": 0} if i else {"patch": 8}, "steps": steps, "train_config": {"lr": 0.001 * (i + 1), "init_from": init, "seed": i,
                                                                 "warmup": 5, "object_weight": 1.0 + 3 * i,
-                                                                **({"multi_object_rate": 0.5, "reader_weight": 0.05, "reader_blocks": [3, 5], "reader_at": "attention", "concept_weight": 0.02} if i else {})}}
+                                                                **({"multi_object_rate": 0.5, "reader_weight": 0.05, "reader_blocks": [3, 5], "reader_at": "attention", "concept_weight": 0.02, "coreference_weight": 0.002} if i else {})}}
         (run / "weights" / "config.json").write_text(json.dumps(meta))
         (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "seconds": 6.0 * s})
                                                   for s in range(10, steps + 1, 10)))
@@ -331,10 +331,11 @@ def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
     assert "| 1 | scratch | 40 | 0.001 |" in card and "| 2 | stage 1 weights | 20 | 0.002 |" in card
     assert "| a test machine | 4 | `train-shapes --out run0`" in card and "| a GPU | 2 | `train-shapes --out run1`" in card
     assert "`train-shapes --out run1`" in card and "Stage 1: a note" in card and "60 steps in 2 stage(s)" in card
-    # each stage's reading and image-label weights (0 for a config from before the options), patch size, text
-    # layers (2 likewise) and what it predicts
-    assert "| 1.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 8 | 2 | velocity |" in card
-    assert "| 4.0 | 0.0 | 0.0 | 0.5 | 0.05 at blocks 3, 5 (attention outputs) | 0.02 | 4 | 0 | sample |" in card
+    # each stage's reading weight and map objectives (0 and none for a config from before the options), patch
+    # size, text layers (2 likewise) and what it predicts
+    assert "| 1.0 | 0.0 | 0.0 | 0.0 | 0.0 | none | 8 | 2 | velocity |" in card
+    assert ("| 4.0 | 0.0 | 0.0 | 0.5 | 0.05 at blocks 3, 5 (attention outputs) | image labels 0.02, co-reference 0.002 "
+            "| 4 | 0 | sample |") in card
     assert "RoPE positions are token indices" not in card  # positions are plain token indices (rope_scale 1)
     assert "prompt tokens' position ids:\n  zeros, as Flux's pipelines pass them;" in card
     assert "| 60 | 0.0500 |" in card  # the second stage's last log line, counted from the first stage
@@ -1028,6 +1029,10 @@ def test_the_image_label_objective_scores_the_concept_streams_maps_and_trains_th
     parts = {}
     total = batch_loss(model, 0, cfg, torch.device("cpu"), parts=parts)
     assert parts["concepts"] > 0 and torch.allclose(total, plain + 0.5 * parts["concepts"])
+    both = {}
+    with_pairs = batch_loss(model, 0, replace(cfg, coreference_weight=0.3), torch.device("cpu"), parts=both)
+    assert both["coreference"] > 0 and torch.allclose(both["concepts"], parts["concepts"])
+    assert torch.allclose(with_pairs, total + 0.3 * both["coreference"])
     total.backward()  # the objective reaches the concept stream's text weights and the image side
     block = model.transformer.transformer_blocks[1]
     assert block.attn.add_q_proj.weight.grad.abs().sum() > 0 and block.attn.to_q.weight.grad.abs().sum() > 0
@@ -1064,9 +1069,52 @@ def test_the_image_label_objective_scores_the_concept_streams_maps_and_trains_th
     assert seen[-1] < 0.5 * seen[0], seen
 
     out = tmp_path / "c"
-    r = train_briefly(out, "--init-from", str(tiny_dir), "--concept-weight", "0.1", "--concept-block", "2")
+    r = train_briefly(out, "--init-from", str(tiny_dir), "--concept-weight", "0.1", "--coreference-weight", "0.01",
+                      "--concept-block", "2")
     assert r.exit_code == 0, r.output
     meta = run_meta(out)["train_config"]
-    assert meta["concept_weight"] == 0.1 and meta["concept_blocks"] == [2]
+    assert meta["concept_weight"] == 0.1 and meta["coreference_weight"] == 0.01 and meta["concept_blocks"] == [2]
     r = CliRunner().invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), "--concept-block", "1", "--quiet"])
-    assert r.exit_code == 2 and "give it a --concept-weight above 0 too" in r.output
+    assert r.exit_code == 2 and "give it a --concept-weight or --coreference-weight above 0 too" in r.output
+
+
+def test_coreferent_concepts_are_the_pairs_whose_masks_are_the_same():
+    scenes = world.sample_scenes(96, seed=6)
+    _, labels = world.render(scenes)
+    masks = torch.stack([world.concept_mask(scenes, labels, word).flatten(1) for word in world.CONCEPTS], 1)
+    same_mask = (masks[:, :, None] == masks[:, None]).all(-1) & masks.any(-1)[:, :, None]
+    expected = same_mask & ~torch.eye(len(world.CONCEPTS), dtype=torch.bool)
+    pairs = world.coreferent_concepts(scenes)
+    assert torch.equal(pairs, expected)
+    shape_colour = pairs[:, :3, 3:7].sum((1, 2))
+    assert (shape_colour == 0).any() and (shape_colour >= 2).any()  # some images share a colour, some bind two
+
+
+def test_coreference_loss_asks_words_that_name_the_same_pixels_to_split_them_evenly():
+    import math
+
+    from conceptattention.shapes.train import coreference_loss
+
+    torch.manual_seed(0)
+    raw = torch.randn(2, 4, 6) * 3
+    scores = [raw.clone().requires_grad_(True)]
+    same = torch.zeros(2, 4, 4, dtype=torch.bool)
+    same[0, 1, 3] = same[0, 3, 1] = same[1, 0, 2] = same[1, 2, 0] = True
+    asked = torch.tensor([True, True])
+    expected = []
+    for image, a, b in ((0, 1, 3), (1, 0, 2)):
+        share = raw[image].softmax(0)
+        joint = share[a] + share[b]
+        split = share[a] / joint  # the pair's split of their joint share
+        bce = -(0.5 * split.log() + 0.5 * (1 - split).log()) - math.log(2)
+        expected.append((bce * joint).sum() / joint.sum())
+    loss = coreference_loss(scores, same, asked)
+    assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-6)
+    loss.backward()
+    grad = scores[0].grad
+    assert grad[0, [1, 3]].abs().sum() > 0 and grad[0, [0, 2]].abs().sum() == 0  # only the pair's scores move
+    even = raw.clone()
+    even[0, 3], even[1, 2] = even[0, 1], even[1, 0]
+    assert coreference_loss([even], same, asked).abs() < 1e-6  # equal scores: an even split costs nothing
+    assert coreference_loss(scores, same, torch.tensor([False, True])) > 0
+    assert coreference_loss(scores, same, torch.tensor([False, False])).item() == 0.0

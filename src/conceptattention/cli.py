@@ -227,9 +227,13 @@ def train_shapes(
         None, help="weight of an image-label objective on the maps: at every image token, the concept words true of "
         "the image (which words, never where) must hold ConceptAttention's softmax over all the world's concepts, "
         "so that absent words take no pixels (default 0: off)"),
+    coreference_weight: Optional[float] = typer.Option(
+        None, help="weight of a co-reference objective on the maps: words that name the same pixels by what the "
+        "caption says (an object's colour and shape word, the scene's name and 'background') must score every image "
+        "token alike, so neither takes all of the softmax (default 0: off)"),
     concept_block: Optional[List[int]] = typer.Option(
-        None, help="a double-stream block whose maps that objective scores; repeat for several (default: the "
-        "model's map layers)"),
+        None, help="a double-stream block whose maps the image-label and co-reference objectives score; repeat for "
+        "several (default: the model's map layers)"),
     prediction: Optional[str] = typer.Option(
         None, help="what the transformer outputs: 'velocity' (as in Flux) or 'sample' (the clean image); with "
         "--init-from a change retrains the output head (default: the weights' own, velocity from scratch)"),
@@ -266,20 +270,22 @@ def train_shapes(
     for name, value in (("batch", batch), ("lr", lr), ("warmup", warmup), ("init_from", init_from),
                         ("object_weight", object_weight), ("t_uniform", t_uniform), ("prediction", prediction),
                         ("colorless_rate", colorless_rate), ("multi_object_rate", multi_object_rate),
-                        ("reader_weight", reader_weight), ("concept_weight", concept_weight)):
+                        ("reader_weight", reader_weight), ("concept_weight", concept_weight),
+                        ("coreference_weight", coreference_weight)):
         if value is not None:
             cfg = replace(cfg, **{name: value})
     for name, value in (("--t-uniform", t_uniform), ("--colorless-rate", colorless_rate),
                         ("--multi-object-rate", multi_object_rate)):
         if value is not None and not 0.0 <= value <= 1.0:
             _fail(ConceptAttentionError(f"{name} is a share of the batch, between 0 and 1, not {value}"))
-    for name, value in (("--reader-weight", reader_weight), ("--concept-weight", concept_weight)):
+    for name, value in (("--reader-weight", reader_weight), ("--concept-weight", concept_weight),
+                        ("--coreference-weight", coreference_weight)):
         if value is not None and value < 0:
             _fail(ConceptAttentionError(f"{name} is a loss weight, 0 or more, not {value}"))
     if concept_block:
-        if cfg.concept_weight <= 0:
-            _fail(ConceptAttentionError("--concept-block says which maps the image-label objective scores; give it a "
-                                        "--concept-weight above 0 too"))
+        if cfg.concept_weight <= 0 and cfg.coreference_weight <= 0:
+            _fail(ConceptAttentionError("--concept-block says which maps the objectives on the maps score; give it a "
+                                        "--concept-weight or --coreference-weight above 0 too"))
         cfg = replace(cfg, concept_blocks=tuple(concept_block))
     for option, what, field, value in (("--reader-block", "where", "reader_blocks", tuple(reader_block or ())),
                                        ("--reader-at", "what", "reader_at", reader_at)):

@@ -105,10 +105,13 @@ def _reading(train_config: dict) -> str:
     return text + (" (attention outputs)" if weight and train_config.get("reader_at") == "attention" else "")
 
 
-def _image_labels(train_config: dict) -> str:
-    """A stage's image-label weight, with the blocks it scored when they were named (the map layers otherwise)."""
-    weight, blocks = train_config.get("concept_weight", 0.0), train_config.get("concept_blocks") or []
-    return f"{weight} at blocks {', '.join(str(b) for b in blocks)}" if weight and blocks else f"{weight}"
+def _map_objectives(train_config: dict) -> str:
+    """A stage's objectives on the maps, with their weights and the blocks they scored when named ("none")."""
+    weights = {"image labels": train_config.get("concept_weight", 0.0),
+               "co-reference": train_config.get("coreference_weight", 0.0)}
+    named = ", ".join(f"{name} {w}" for name, w in weights.items() if w)
+    blocks = train_config.get("concept_blocks") or []
+    return (named + (f" at blocks {', '.join(str(b) for b in blocks)}" if blocks else "")) if named else "none"
 
 
 def _precision(cfg: dict) -> str:
@@ -159,7 +162,7 @@ def write_card(weights: Path, stages: list[dict], report: dict, validation: dict
         f"{s['train_config'].get('warmup')} | {s['train_config'].get('seed')} | {s['train_config'].get('batch')} | "
         f"{s['train_config'].get('object_weight', 1.0)} | {s['train_config'].get('t_uniform', 0.0)} | "
         f"{s['train_config'].get('colorless_rate', 0.0)} | {s['train_config'].get('multi_object_rate', 0.0)} | "
-        f"{_reading(s['train_config'])} | {_image_labels(s['train_config'])} | {s.get('patch') or '?'} | {s.get('text_layers', 2)} | {s.get('prediction', 'velocity')} | "
+        f"{_reading(s['train_config'])} | {_map_objectives(s['train_config'])} | {s.get('patch') or '?'} | {s.get('text_layers', 2)} | {s.get('prediction', 'velocity')} | "
         f"{_precision(s['train_config'])} | {s.get('hardware') or hardware} | {s['minutes']:.0f} | `{s['command']}` |"
         for i, s in enumerate(stages))
     notes = " ".join(f"Stage {i + 1}: {s['note']}" for i, s in enumerate(stages) if s["note"])
@@ -209,15 +212,16 @@ code path as on FLUX.1. Weights: `model.safetensors` ({size_mb:.1f} MB, bfloat16
   token names its object's colour from the image through a linear head used only in training; 0: none),
   read where the last double-stream block leaves the text stream unless blocks are named ("at blocks 3, 4, 5":
   one head each, their cross-entropies averaged) and, with "(attention outputs)", reading the text tokens'
-  attention outputs before the output projection instead; "image-label weight" the weight of the image-label
-  objective on the maps (at every image token, the concept words true of the image must hold
-  ConceptAttention's softmax over all the world's concepts at the model's map layers; which words are true,
-  never where; 0: none);
+  attention outputs before the output projection instead; "map objectives" the weights of the objectives on
+  ConceptAttention's maps at the model's map layers (all the world's concept words encoded alone): "image
+  labels", at every image token the words true of the image must hold the softmax over concepts (which words
+  are true, never where), and "co-reference", words that the caption makes name the same pixels (an object's
+  colour and shape, the scene's name and "background") must score every token alike;
 - {total} steps in {len(stages)} stage(s), {sum(s['minutes'] for s in stages):.0f} minutes of training.
   Each stage is reproduced by its command (a stage starting from weights reads the previous stage's
   exported `weights/`); every run resumes from `DIR/checkpoint.pt`. {notes}
 
-| stage | starts from | steps | peak lr | warm-up | seed | batch | object weight | uniform t | no-colour captions | 2-3 object share | reading weight | image-label weight | patch | text layers | predicts | precision | hardware | minutes | command |
+| stage | starts from | steps | peak lr | warm-up | seed | batch | object weight | uniform t | no-colour captions | 2-3 object share | reading weight | map objectives | patch | text layers | predicts | precision | hardware | minutes | command |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {stage_rows}
 

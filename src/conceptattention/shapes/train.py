@@ -65,6 +65,7 @@ class TrainConfig:
     concept_weight: float = 0.0  # weight of the image-label objective on the maps (true_concept_loss; 0: off)
     concept_t_max: float = 0.8  # that objective only counts images noised at most this much
     concept_blocks: tuple[int, ...] = ()  # double-stream blocks whose maps it scores ((): the model's map layers)
+    coreference_weight: float = 0.0  # weight of the co-reference objective on the maps (coreference_loss; 0: off)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -236,6 +237,29 @@ def true_concept_loss(scores: list[torch.Tensor], true: torch.Tensor, asked: tor
     return torch.stack(losses).mean()
 
 
+def coreference_loss(scores: list[torch.Tensor], same: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
+    """The co-reference objective on the maps: two words that name the same pixels (``same`` ``[B, K, K]``,
+    :func:`world.coreferent_concepts`: what the caption says, no mask) should have the same map, so neither
+    takes all of the softmax where the other is as true. At each image token, the pair's split of their joint
+    share, ``sigmoid(d_1 - d_2)`` for their scores ``d``, is scored against an even split (binary
+    cross-entropy minus its floor ``log 2``: zero for equal scores, about half the gap for a large one),
+    weighted by the pair's joint share (where the pair holds the softmax); the weighted mean per pair,
+    averaged over pairs, blocks and the images in ``asked``. Zero (with a graph) when there is no pair."""
+    pairs = (same & asked[:, None, None]).triu(1).nonzero()  # [P, 3]: image, concept, concept
+    if len(pairs) == 0:
+        return sum(s.sum() for s in scores) * 0.0
+    image, first, second = pairs.unbind(1)
+    losses = []
+    for raw in scores:  # [B, K, N]
+        raw = raw.float()
+        share = raw.softmax(1)
+        gap = raw[image, first] - raw[image, second]  # [P, N]
+        split = 0.5 * (torch.nn.functional.softplus(gap) + torch.nn.functional.softplus(-gap)) - math.log(2.0)
+        weight = (share[image, first] + share[image, second]).detach()
+        losses.append(((split * weight).sum(1) / weight.sum(1).clamp_min(1e-12)).mean())
+    return torch.stack(losses).mean()
+
+
 def reader_heads(cfg: TrainConfig, model: ShapesModel) -> torch.nn.ModuleList | None:
     """The reading objective's heads, one linear read (text width -> colours) per read block; used in training
     only and never exported. None when the objective is off."""
@@ -271,7 +295,7 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
     blocks = read_blocks(cfg, model) if reader is not None else []
     if reader is not None and len(blocks) != len(reader):
         raise ConceptAttentionError(f"{len(reader)} reader heads for {len(blocks)} read blocks ({blocks})")
-    scored = concept_blocks(cfg, model) if cfg.concept_weight > 0 else []
+    scored = concept_blocks(cfg, model) if cfg.concept_weight > 0 or cfg.coreference_weight > 0 else []
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         with text_reads(model, blocks, cfg.reader_at) as text_state, concept_scores(model, scored) as scores:
             tokens, pooled = model.encode_text(texts)
@@ -282,12 +306,16 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
     else:
         weights = pixel_weights(labels, cfg.object_weight, model.config.patch)
         loss = (error * weights).sum() / weights.sum()
-    if scored:
-        labels_true = world.true_concepts(scenes).to(device)
-        maps = true_concept_loss(scores, labels_true, t <= cfg.concept_t_max)
+    if cfg.concept_weight > 0:
+        maps = true_concept_loss(scores, world.true_concepts(scenes).to(device), t <= cfg.concept_t_max)
         if parts is not None:
             parts["concepts"] = maps.detach()
         loss = loss + cfg.concept_weight * maps
+    if cfg.coreference_weight > 0:
+        alike = coreference_loss(scores, world.coreferent_concepts(scenes).to(device), t <= cfg.concept_t_max)
+        if parts is not None:
+            parts["coreference"] = alike.detach()
+        loss = loss + cfg.coreference_weight * alike
     if reader is None:
         return loss
     targets = reader_targets(scenes, texts, model.config.max_tokens).to(device)
@@ -436,7 +464,8 @@ def train(
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc="train-shapes", unit="step")
-    began, step, running, reading, mapping = time.time(), start, [], [], []
+    began, step, running, reading = time.time(), start, [], []
+    mapping: dict[str, list[torch.Tensor]] = {"concepts": [], "coreference": []}
     try:
         last = cfg.steps if stop_after is None else min(cfg.steps, max(start, stop_after))  # a run past it: no step
         for step in range(start, last):
@@ -446,8 +475,9 @@ def train(
             loss = batch_loss(model, step, cfg, dev, reader, parts)
             if "reader" in parts:
                 reading.append(parts["reader_each"])
-            if "concepts" in parts:
-                mapping.append(parts["concepts"])
+            for key, kept in mapping.items():
+                if key in parts:
+                    kept.append(parts[key])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
@@ -466,9 +496,11 @@ def train(
                     record["reader"] = each.mean().item()
                     if len(each) > 1:  # and per read block, in read_blocks order
                         record["reader_each"] = [round(x, 5) for x in each.tolist()]
-                if mapping:  # the image-label objective on the maps, unweighted (the loss above includes it)
-                    record["concepts"] = torch.stack(mapping).mean().item()
-                running, reading, mapping = [], [], []
+                for key, kept in mapping.items():  # the objectives on the maps, unweighted (the loss includes them)
+                    if kept:
+                        record[key] = torch.stack(kept).mean().item()
+                        kept.clear()
+                running, reading = [], []
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if bar is not None:
@@ -525,6 +557,9 @@ def main() -> None:
                         "true of the image must hold ConceptAttention's softmax over concepts (0: off)")
     p.add_argument("--concept-blocks", type=int, nargs="+", default=[],
                    help="double-stream blocks whose maps it scores (default: the model's map layers)")
+    p.add_argument("--coreference-weight", type=float, default=TrainConfig.coreference_weight,
+                   help="weight of the co-reference objective on the maps: words that name the same pixels (an "
+                        "object's colour and shape, the scene and 'background') must score every image token alike")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--stop-after", type=int, default=None,
@@ -544,7 +579,7 @@ def main() -> None:
                       text_neighbours=a.text_neighbours, drop_next_word=a.drop_next_word,
                       reader_weight=a.reader_weight, reader_blocks=tuple(a.reader_blocks),
                       reader_at=a.reader_at, concept_weight=a.concept_weight,
-                      concept_blocks=tuple(a.concept_blocks))
+                      concept_blocks=tuple(a.concept_blocks), coreference_weight=a.coreference_weight)
     train(a.out, cfg, device=a.device, max_seconds=a.max_seconds, stop_after=a.stop_after)
 
 

@@ -263,6 +263,27 @@ def true_concepts(scenes: Scenes) -> torch.Tensor:
     return torch.cat([shapes, colours, backgrounds, torch.ones(n, 1, dtype=torch.bool)], 1)
 
 
+def coreferent_concepts(scenes: Scenes) -> torch.Tensor:
+    """Which pairs of :data:`CONCEPTS` name the same pixels in each image, ``[n, K, K]`` bool (symmetric, no
+    diagonal), from what the caption says of its objects, no mask: the background's name and "background"
+    always; an object's colour and shape words when no other object has the one without the other (in "a red
+    circle and a red square" neither pair names the same pixels, "red" names both objects)."""
+    k = len(CONCEPTS)
+    same = torch.zeros(len(scenes), k, k, dtype=torch.bool)
+    scene = len(SHAPES) + len(COLOR_NAMES) + scenes.background
+    rows = torch.arange(len(scenes))
+    same[rows, scene, k - 1] = same[rows, k - 1, scene] = True
+    present = scenes.present
+    for slot in range(present.shape[1]):
+        shape, colour = scenes.shape[:, slot], scenes.color[:, slot]
+        with_shape = (scenes.shape == shape[:, None]) & present
+        with_colour = (scenes.color == colour[:, None]) & present
+        alike = present[:, slot] & (with_shape == with_colour).all(1)
+        c = len(SHAPES) + colour
+        same[rows[alike], shape[alike], c[alike]] = same[rows[alike], c[alike], shape[alike]] = True
+    return same
+
+
 def concept_mask(scenes: Scenes, labels: torch.Tensor, word: str) -> torch.Tensor:
     """Exact mask ``[n, 64, 64]`` of a concept word (empty where the word is absent)."""
     device = labels.device
