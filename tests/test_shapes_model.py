@@ -302,6 +302,8 @@ def test_sampler_timestep_shift(tiny_dir, tmp_path):
     assert sum(g["unbound_shapes_right"] for g in groups) == pytest.approx(samples["unbound_shape_accuracy"] * samples["objects"])
     assert "Shapes right by objects in the caption: " in r.output
     assert "| steps 20, guidance 4.0, shift 3.0 | 3 |" in r.output
+    n = samples["objects"]  # each accuracy is printed with its count, which a rounded share could hide
+    assert f"% ({right} of {n}) |" in r.output and f"% ({round(samples['color_accuracy'] * n)} of {n}) |" in r.output
 
 
 def test_model_card_lists_every_training_stage(tiny_dir, tmp_path):
