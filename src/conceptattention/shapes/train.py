@@ -147,10 +147,16 @@ def read_blocks(cfg: TrainConfig, model: ShapesModel) -> list[int]:
     if cfg.reader_at not in READ_AT:
         raise ConceptAttentionError(f"the reading objective reads {' or '.join(READ_AT)}, not {cfg.reader_at!r}")
     n = len(model.transformer.transformer_blocks)
-    named = [int(b) for b in cfg.reader_blocks] or [n - 1]
+    return _double_blocks(model, [int(b) for b in cfg.reader_blocks] or [n - 1], "reader")
+
+
+def _double_blocks(model: ShapesModel, named: list[int], what: str) -> list[int]:
+    """``named`` double-stream blocks (negative indices count from the end), sorted, each once; a block the
+    model does not have is an error naming ``what`` asked for it."""
+    n = len(model.transformer.transformer_blocks)
     bad = [b for b in named if not -n <= b < n]
     if bad:
-        raise ConceptAttentionError(f"reader blocks {bad} are not double-stream blocks of this model; it has {n} "
+        raise ConceptAttentionError(f"{what} blocks {bad} are not double-stream blocks of this model; it has {n} "
                                     f"(0 to {n - 1}, or -1 for the last)")
     return sorted({b % n for b in named})
 
@@ -199,11 +205,7 @@ def concept_blocks(cfg: TrainConfig, model: ShapesModel) -> list[int]:
     model's own map layers (those ConceptAttention reads by default)."""
     n = len(model.transformer.transformer_blocks)
     named = [int(b) for b in cfg.concept_blocks] or list(model.config.map_layers or default_layers(n))
-    bad = [b for b in named if not -n <= b < n]
-    if bad:
-        raise ConceptAttentionError(f"concept blocks {bad} are not double-stream blocks of this model; it has {n} "
-                                    f"(0 to {n - 1}, or -1 for the last)")
-    return sorted({b % n for b in named})
+    return _double_blocks(model, named, "concept")
 
 
 @contextmanager
