@@ -201,8 +201,8 @@ class _LayerScores(ConceptAttention):
 
 
 def concept_blocks(cfg: TrainConfig, model: ShapesModel) -> list[int]:
-    """The double-stream blocks whose maps the image-label objective scores: ``cfg.concept_blocks``, or the
-    model's own map layers (those ConceptAttention reads by default)."""
+    """The double-stream blocks whose maps the objectives on the maps (image labels, co-reference) score:
+    ``cfg.concept_blocks``, or the model's own map layers (those ConceptAttention reads by default)."""
     n = len(model.transformer.transformer_blocks)
     named = [int(b) for b in cfg.concept_blocks] or list(model.config.map_layers or default_layers(n))
     return _double_blocks(model, named, "concept")
@@ -221,6 +221,12 @@ def concept_scores(model: ShapesModel, blocks: list[int]) -> Iterator[list[torch
         yield session.scores
 
 
+def _no_loss(scores: list[torch.Tensor]) -> torch.Tensor:
+    """Zero, with a graph through ``scores``: an objective with nothing to score still gives every scored
+    parameter a (zero) gradient."""
+    return sum(s.sum() for s in scores) * 0.0
+
+
 def true_concept_loss(scores: list[torch.Tensor], true: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
     """The image-label objective on the maps: at every image token, the concepts true of the image
     (``true`` ``[B, K]``, :func:`world.true_concepts`) should hold the softmax over concepts between them,
@@ -229,7 +235,7 @@ def true_concept_loss(scores: list[torch.Tensor], true: torch.Tensor, asked: tor
     ``asked`` ``[B]``. It uses which words are true of an image, never where: which true word takes which
     token is left to the model. Zero (with a graph) when no image is asked."""
     if not bool(asked.any()):
-        return sum(s.sum() for s in scores) * 0.0
+        return _no_loss(scores)
     losses = []
     for raw in scores:  # [B, K, N]
         raw = raw[asked].float()
@@ -249,7 +255,7 @@ def coreference_loss(scores: list[torch.Tensor], same: torch.Tensor, asked: torc
     averaged over pairs, blocks and the images in ``asked``. Zero (with a graph) when there is no pair."""
     pairs = (same & asked[:, None, None]).triu(1).nonzero()  # [P, 3]: image, concept, concept
     if len(pairs) == 0:
-        return sum(s.sum() for s in scores) * 0.0
+        return _no_loss(scores)
     image, first, second = pairs.unbind(1)
     losses = []
     for raw in scores:  # [B, K, N]
@@ -308,13 +314,14 @@ def batch_loss(model: ShapesModel, step: int, cfg: TrainConfig, device: torch.de
     else:
         weights = pixel_weights(labels, cfg.object_weight, model.config.patch)
         loss = (error * weights).sum() / weights.sum()
+    map_asked = t <= cfg.concept_t_max  # images the objectives on the maps count
     if cfg.concept_weight > 0:
-        maps = true_concept_loss(scores, world.true_concepts(scenes).to(device), t <= cfg.concept_t_max)
+        maps = true_concept_loss(scores, world.true_concepts(scenes).to(device), map_asked)
         if parts is not None:
             parts["concepts"] = maps.detach()
         loss = loss + cfg.concept_weight * maps
     if cfg.coreference_weight > 0:
-        alike = coreference_loss(scores, world.coreferent_concepts(scenes).to(device), t <= cfg.concept_t_max)
+        alike = coreference_loss(scores, world.coreferent_concepts(scenes).to(device), map_asked)
         if parts is not None:
             parts["coreference"] = alike.detach()
         loss = loss + cfg.coreference_weight * alike
