@@ -4,7 +4,7 @@
    sampler's guidance scale and timestep shift together (most colours + shapes right over the grid) on the
    validation seed, never the held-out seed. Each grid point is cached in RUN/validation_samples.jsonl, so
    a rerun on the same weights resumes; ``--keep-sampler`` keeps the guidance and shift of the model
-   shipped now instead (the grid costs nine validation sample runs, about an hour on 2 CPU cores);
+   shipped now instead (the grid costs nine validation sample runs, about 45 minutes on 2 CPU cores);
 2. measure the held-out benchmark (sample quality + every readout);
 3. write config.json (with map_layers, every stage's record and the validation record), model.safetensors,
    MODEL_CARD.md and loss_curve.png into src/conceptattention/shapes/weights/.
@@ -18,7 +18,9 @@ The stages file lists every training stage in order, the released one last; each
 ``{"run": DIR, "command": "...", "hardware": "...", "note": "..."}`` where DIR holds the run's
 ``weights/`` and ``log.jsonl`` (a stage trained on a lent GPU is brought back with
 ``scripts/gpu_train_shapes.py --join``). An earlier stage whose directory is gone (runs/ is not in git) is
-taken from the shipped config.json, which records every stage with up to 100 points of its loss log.
+taken from the shipped config.json, which records every stage with up to 100 points of its loss log. So is the
+released stage when the shipped model is that stage (it records exactly the listed stages): a release on a fresh
+checkout then measures the shipped weights again, e.g. to search the sampler grid that ``--keep-sampler`` skipped.
 """
 
 from __future__ import annotations
@@ -58,22 +60,27 @@ def main() -> None:
         rewrite_card(run, stages)
         return
 
-    pipe = ShapesPipeline.from_pretrained(run / "weights")
+    source = released_weights(listed)
+    if source == WEIGHTS_DIR:
+        print(f"{run} holds no weights or log; the shipped weights are its stage's, so they are measured again",
+              flush=True)
+    pipe = ShapesPipeline.from_pretrained(source)
     layers, layer_scores = benchmark.choose_layers(pipe, LAYER_CANDIDATES, n=a.validation_images)
     if a.keep_sampler:
         guidance, shift = ShapesPipeline.from_pretrained().sampler_settings(None, None)
         sampler_record = {"sampler_kept_from_the_previous_release": {"guidance": guidance, "shift": shift}}
     else:
-        digest = hashlib.sha256((run / "weights" / "model.safetensors").read_bytes()).hexdigest()
+        digest = hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest()
         guidance, shift, grid = benchmark.choose_sampler(pipe, GUIDANCE_CANDIDATES, SHIFT_CANDIDATES,
                                                          a.validation_images, cache=run / "validation_samples.jsonl",
                                                          tag=digest)
         sampler_record = {"colour_plus_shape_accuracy_by_guidance_and_shift": grid}
     print("layers", layers, layer_scores, "guidance", guidance, "shift", shift, sampler_record, flush=True)
 
+    meta = json.loads((source / "config.json").read_text())
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
-    shutil.copy(run / "weights" / "model.safetensors", WEIGHTS_DIR / "model.safetensors")
-    meta = json.loads((run / "weights" / "config.json").read_text())
+    if source != WEIGHTS_DIR:
+        shutil.copy(source / "model.safetensors", WEIGHTS_DIR / "model.safetensors")
     meta["config"]["map_layers"] = layers
     meta["config"]["default_guidance"] = guidance
     meta["config"]["default_shift"] = shift
@@ -90,23 +97,48 @@ def main() -> None:
     print((run / "heldout" / "shapes_benchmark.md").read_text())
 
 
-def gather_stages(listed: list[dict]) -> list[dict]:
-    """Each listed stage's record from its run directory; an earlier stage whose run directory is gone (a new
-    checkout: runs/ is not in git) is taken from the shipped config.json's record of the same stage instead."""
+def run_files_missing(run: Path) -> list[str]:
+    """The files of a run directory that a release reads and that are not there."""
+    return [name for name in ("weights/model.safetensors", "weights/config.json", "log.jsonl")
+            if not (run / name).is_file()]
+
+
+def is_shipped(listed: list[dict]) -> bool:
+    """Whether the shipped model records exactly the listed stages (same commands, in order): then its weights
+    are the released stage's, and a release can re-measure them when that stage's run directory is gone."""
     shipped = recorded_stages(WEIGHTS_DIR)
+    return [st["command"] for st in shipped] == [st["command"] for st in listed]
+
+
+def released_weights(listed: list[dict]) -> Path:
+    """The directory holding the released stage's weights: its run's ``weights/``, or, on a checkout without
+    that run directory, the shipped weights when they are that stage's (:func:`is_shipped`)."""
+    run = Path(listed[-1]["run"])
+    if not run_files_missing(run) or not is_shipped(listed):
+        return run / "weights"
+    return WEIGHTS_DIR
+
+
+def gather_stages(listed: list[dict]) -> list[dict]:
+    """Each listed stage's record from its run directory; a stage whose run directory is gone (a new checkout:
+    runs/ is not in git) is taken from the shipped config.json's record of the same stage instead. The released
+    (last) stage may be taken so only when the shipped model is that stage (:func:`is_shipped`), to choose its
+    layers and sampler again."""
+    shipped = recorded_stages(WEIGHTS_DIR)
+    again = is_shipped(listed)
     stages = []
     for i, stage in enumerate(listed):
-        missing = [name for name in ("weights/model.safetensors", "weights/config.json", "log.jsonl")
-                   if not (Path(stage["run"]) / name).is_file()]
+        missing = run_files_missing(Path(stage["run"]))
         if not missing:
             stages.append(stage_record(Path(stage["run"]), stage["command"], stage.get("note", ""),
                                        stage.get("hardware", "")))
-        elif i < len(listed) - 1 and i < len(shipped) and shipped[i]["command"] == stage["command"]:
+        elif (i < len(listed) - 1 or again) and i < len(shipped) and shipped[i]["command"] == stage["command"]:
             stages.append({**shipped[i], "note": stage.get("note", shipped[i].get("note", "")),
                            "hardware": stage.get("hardware", shipped[i].get("hardware", ""))})
         else:
             raise SystemExit(f"stage {stage['run']} lacks {', '.join(missing)}, and the shipped config.json records no "
-                             f"stage {i + 1} with that command (the released stage itself must be present)")
+                             f"stage {i + 1} with that command (the released stage itself must be present, unless the "
+                             "shipped model is that stage)")
     return stages
 
 

@@ -408,9 +408,16 @@ def test_recorded_stages_give_the_card_a_loss_log_without_the_run_directories(ti
     assert gathered[1]["log"] == runs[1]["log"] and gathered[1]["note"] == "n1"  # read from its run directory
     with pytest.raises(SystemExit, match="records no stage 1 with that command"):
         release.gather_stages([{**listed[0], "command": "something else"}, listed[1]])
+    assert release.released_weights(listed) == tmp_path / "run1" / "weights"
     shutil.rmtree(tmp_path / "run1")
+    # the released stage's directory gone too: the shipped model records both stages, so it is that stage's
+    recorded = [st["loss_points"] for st in recorded_stages(weights)]
+    assert [st["loss_points"] for st in release.gather_stages(listed)] == recorded and len(recorded) == 2
+    assert release.released_weights(listed) == weights
+    third = listed + [{"run": str(tmp_path / "run2"), "command": "train-shapes --out run2"}]
     with pytest.raises(SystemExit, match="the released stage itself must be present"):
-        release.gather_stages(listed)
+        release.gather_stages(third)  # a new stage the shipped model does not record
+    assert release.released_weights(third) == tmp_path / "run2" / "weights"
 
 
 def test_choose_sampler_searches_the_whole_grid_and_resumes_from_its_cache(tiny_dir, tmp_path, monkeypatch):
