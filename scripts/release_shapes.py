@@ -103,10 +103,11 @@ def run_files_missing(run: Path) -> list[str]:
             if not (run / name).is_file()]
 
 
-def is_shipped(listed: list[dict]) -> bool:
-    """Whether the shipped model records exactly the listed stages (same commands, in order): then its weights
-    are the released stage's, and a release can re-measure them when that stage's run directory is gone."""
-    shipped = recorded_stages(WEIGHTS_DIR)
+def is_shipped(listed: list[dict], shipped: list[dict] | None = None) -> bool:
+    """Whether the shipped model (its recorded stages, read unless given) records exactly the listed stages
+    (same commands, in order): then its weights are the released stage's, and a release can re-measure them
+    when that stage's run directory is gone."""
+    shipped = recorded_stages(WEIGHTS_DIR) if shipped is None else shipped
     return [st["command"] for st in shipped] == [st["command"] for st in listed]
 
 
@@ -125,7 +126,7 @@ def gather_stages(listed: list[dict]) -> list[dict]:
     (last) stage may be taken so only when the shipped model is that stage (:func:`is_shipped`), to choose its
     layers and sampler again."""
     shipped = recorded_stages(WEIGHTS_DIR)
-    again = is_shipped(listed)
+    again = is_shipped(listed, shipped)
     stages = []
     for i, stage in enumerate(listed):
         missing = run_files_missing(Path(stage["run"]))
