@@ -8,12 +8,28 @@ Public API (see README):
 - :class:`ConceptAttentionError` -- raised for every input error a user can cause.
 """
 
-from .adapters import ADAPTERS, FluxAdapter, MMDiTAdapter, SD3Adapter, get_adapter
-from .core import ConceptAttention, default_layers
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
 from .errors import ConceptAttentionError, UnsupportedModelError
-from .readouts import READOUTS, Readout
 
 __version__ = "0.1.0"
+
+# Where each public name lives; imported on first use, so `conceptattention --help` needs no torch.
+_LAZY = {
+    "ADAPTERS": "adapters", "FluxAdapter": "adapters", "MMDiTAdapter": "adapters", "SD3Adapter": "adapters",
+    "get_adapter": "adapters", "ConceptAttention": "core", "default_layers": "core", "READOUTS": "readouts",
+    "Readout": "readouts",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ADAPTERS",

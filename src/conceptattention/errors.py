@@ -9,3 +9,12 @@ class ConceptAttentionError(ValueError):
 
 class UnsupportedModelError(ConceptAttentionError, TypeError):
     """The transformer is of a class that no adapter knows how to read."""
+
+
+def short(text: str, limit: int = 60) -> str:
+    """``repr(text)``, cut in the middle when longer than ``limit`` (so an error never echoes a whole prompt)."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    keep = max(4, limit // 2 - 3)
+    return repr(text[:keep] + " ... " + text[-keep:]) + f" ({len(text)} characters)"

@@ -1,18 +1,33 @@
-"""Pipelines: text -> image + maps (``generate``) and image -> maps (``encode``), one interface per model."""
+"""Pipelines: text -> image + maps (``generate``) and image -> maps (``encode``), one interface per model.
+
+Importing this package is cheap (no torch); the pipelines load their libraries when first used.
+"""
+
+from __future__ import annotations
 
 from pathlib import Path
-
-from .images import load_image, open_image
-from .result import ConceptResult
+from typing import Any
 
 __all__ = ["ConceptResult", "is_shapes_model", "load_image", "open_image", "load_pipeline"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("load_image", "open_image"):
+        from . import images
+
+        return getattr(images, name)
+    if name == "ConceptResult":
+        from .result import ConceptResult
+
+        return ConceptResult
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _shapes_weights(model: str | None) -> tuple[bool, Path | None]:
     """(whether ``model`` names a shapes model, its weights directory: None for the built-in one)."""
     if model in ("shapes", "", None):
         return True, None
-    local = Path(model)
+    local = Path(model).expanduser()
     if not (local / "model.safetensors").is_file() and (local / "weights" / "model.safetensors").is_file():
         local = local / "weights"
     if (local / "model.safetensors").is_file() and (local / "config.json").is_file():
@@ -29,9 +44,13 @@ def load_pipeline(model: str = "shapes", device: str | None = None, torch_dtype=
     """The pipeline for ``model``.
 
     "shapes" is the built-in model; a directory holding ``model.safetensors`` + ``config.json`` is a
-    shapes model written by ``train-shapes`` (its run directory, holding them in ``weights/``, too); anything else is a diffusers FLUX.1 or SD3/SD3.5 model
-    (hub id or local directory).
+    shapes model written by ``train-shapes`` (its run directory, holding them in ``weights/``, too);
+    anything else is a diffusers FLUX.1 or SD3/SD3.5 model (hub id or local directory). A device that
+    torch cannot use here fails before anything is loaded.
     """
+    from .options import check_device
+
+    check_device(device)
     shapes, weights = _shapes_weights(model)
     if shapes:
         from .shapes import ShapesPipeline

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -13,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .. import __version__
+from ..errors import ConceptAttentionError
 from ..readouts import Readout, resolve_readouts
 
 
@@ -62,37 +68,118 @@ class ConceptResult:
 
     def save(self, out: Path) -> dict[str, Path]:
         """Write image.png, maps.npy, maps_raw.npy, one ``<concept>.png`` overlay per concept, grid.png,
-        segmentation.png and result.json into ``out``."""
-        from .. import __version__
-        from ..viz import concept_grid, overlay_with_colorbar, segmentation
+        segmentation.png and result.json into the folder ``out``; returns the paths written.
 
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        written = {"image": out / "image.png", "maps": out / "maps.npy"}
-        self.image.save(written["image"])
-        np.save(written["maps"], self.maps.detach().float().cpu().numpy().astype(np.float32))
-        if self.raw_token_maps is not None:
-            written["maps_raw"] = out / "maps_raw.npy"
-            np.save(written["maps_raw"], self.raw_token_maps.detach().float().cpu().numpy().astype(np.float32))
-        for k, (concept, name) in enumerate(zip(self.concepts, overlay_names(self.concepts))):
-            written[f"overlay:{concept}"] = out / name
-            overlay_with_colorbar(self.image, self.maps[k], concept).save(written[f"overlay:{concept}"])
-        written["grid"] = out / "grid.png"
-        concept_grid(self.image, self.maps, self.concepts).save(written["grid"])
-        written["segmentation"] = out / "segmentation.png"
-        segmentation(self.image, self.maps, self.concepts).save(written["segmentation"])
-        written["result"] = out / "result.json"
+        All or nothing: the files are written into a temporary folder beside ``out`` that then takes
+        its place, so an error or an interrupt leaves no half-written result and an earlier result in
+        ``out`` intact. An earlier result in ``out`` is replaced whole; a folder holding anything else
+        is refused (see :func:`check_out_dir`). Maps holding NaN or infinities are refused, not written.
+        """
+        out = check_out_dir(out)
+        maps = self.maps.detach().float().cpu()
+        raw = None if self.raw_token_maps is None else self.raw_token_maps.detach().float().cpu()
+        if not bool(torch.isfinite(maps).all()) or (raw is not None and not bool(torch.isfinite(raw).all())):
+            raise ConceptAttentionError(
+                "the maps hold NaN or infinite values, so nothing was written: the model produced non-finite numbers "
+                "(check the guidance and other settings; float16 can overflow, try --dtype bfloat16 or float32)"
+            )
         info = {
             "concepts": self.concepts,
             "maps_shape": list(self.maps.shape),
             "token_grid": list(self.token_maps.shape[1:]),
             "image_size": list(self.image.size),
-            "files": {k: v.name for k, v in written.items()},
+            "files": {},
             **self.settings,
             "version": __version__,
         }
-        written["result"].write_text(json.dumps(info, indent=2))
-        return written
+        try:
+            json.dumps(info, allow_nan=False)
+        except ValueError:
+            raise ConceptAttentionError("a setting of this result is NaN or infinite, so nothing was written; "
+                                        "give finite numbers") from None
+        try:
+            with _staged(out) as stage:
+                names = self._write(stage, maps, raw, info)
+        except OSError as err:
+            raise ConceptAttentionError(
+                f"could not write the results to {out}: {err.strerror or err}; free some disk space, or pass "
+                "another --out that you can write to (nothing was left half-written)"
+            ) from None
+        return {key: out / name for key, name in names.items()}
+
+    def _write(self, folder: Path, maps: torch.Tensor, raw: torch.Tensor | None, info: dict) -> dict[str, str]:
+        """Every output file into ``folder``; returns ``{key: file name}``."""
+        from ..viz import concept_grid, overlay_with_colorbar, segmentation
+
+        names = {"image": "image.png", "maps": "maps.npy"}
+        self.image.save(folder / names["image"])
+        np.save(folder / names["maps"], maps.numpy().astype(np.float32))
+        if raw is not None:
+            names["maps_raw"] = "maps_raw.npy"
+            np.save(folder / names["maps_raw"], raw.numpy().astype(np.float32))
+        for k, (concept, name) in enumerate(zip(self.concepts, overlay_names(self.concepts))):
+            names[f"overlay:{concept}"] = name
+            overlay_with_colorbar(self.image, maps[k], concept).save(folder / name)
+        names["grid"] = "grid.png"
+        concept_grid(self.image, maps, self.concepts).save(folder / names["grid"])
+        names["segmentation"] = "segmentation.png"
+        segmentation(self.image, maps, self.concepts).save(folder / names["segmentation"])
+        names["result"] = "result.json"
+        info["files"] = dict(names)
+        (folder / names["result"]).write_text(json.dumps(info, indent=2, allow_nan=False))
+        return names
+
+
+#: The file that marks a folder as holding a result of :meth:`ConceptResult.save`.
+RESULT_FILE = "result.json"
+
+
+def check_out_dir(out: Path | str) -> Path:
+    """``out`` as a Path if a result can be saved there, else one clear error; creates nothing.
+
+    Allowed: a folder that does not exist yet (in a place that can be written), an empty folder, or
+    a folder holding an earlier result (it has a ``result.json``; it is replaced whole). Call it
+    before any computation, so a long run never ends on an unusable ``--out``.
+    """
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConceptAttentionError(f"--out {out} is a file; give the path of a folder (new, empty, or an earlier result)")
+    if out.is_dir():
+        entries = [p for p in out.iterdir()]
+        if entries and not (out / RESULT_FILE).is_file():
+            raise ConceptAttentionError(
+                f"--out {out} already holds other files; give a new or empty folder (a folder holding an earlier "
+                "result, with its result.json, is replaced whole)"
+            )
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConceptAttentionError(f"cannot write into {parent}: permission denied; pass another --out")
+    return out
+
+
+@contextlib.contextmanager
+def _staged(out: Path):
+    """A fresh folder beside ``out`` to write into; on success it replaces ``out`` (an earlier result
+    there is removed only after the new one is in place); on any error or interrupt it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    old: Path | None = None
+    try:
+        yield stage
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if old is not None and (old / out.name).exists() and not out.exists():
+            os.replace(old / out.name, out)  # put the earlier result back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def upsample(token_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
