@@ -152,8 +152,19 @@ def test_bad_images_and_conversions(flux, tmp_path):
 def test_unknown_model_offline_says_how_to_get_weights(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(ConceptAttentionError, match="could not load the hub id 'someone/no-such-model'.*huggingface-cli download"):
+    with pytest.raises(ConceptAttentionError, match="could not load the hub model 'someone/no-such-model'.*`hf download "
+                       "someone/no-such-model --local-dir DIR`"):
         load_pipeline("someone/no-such-model")
+
+
+def test_a_damaged_local_model_folder_is_one_error_without_download_advice(tmp_path):
+    pipe = tiny_flux_pipeline()
+    pipe.save_pretrained(tmp_path / "tiny")
+    weights = next((tmp_path / "tiny" / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated download
+    with pytest.raises(ConceptAttentionError, match="could not load the diffusers model in .*tiny") as err:
+        load_pipeline(str(tmp_path / "tiny"))
+    assert "hf download" not in str(err.value) and "\n" not in str(err.value)
 
 
 def test_saved_tiny_pipeline_loads_from_a_directory(tmp_path):

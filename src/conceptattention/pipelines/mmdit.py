@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from ..core import ConceptAttention
-from ..errors import ConceptAttentionError, UnsupportedModelError
+from ..errors import ConceptAttentionError, UnsupportedModelError, short
 from .images import batch_seeds, load_image, noise_samples, open_image, sum_word_tokens
+from .options import check_number, check_seed, distinct_concepts
 from .result import ConceptResult, result_from_maps, result_from_session, with_raw
 
 #: Paper defaults (FLUX.1-schnell protocol: double blocks 14-17, t = 0.5, 5 noise samples).
@@ -42,6 +43,12 @@ def _family(pipe: Any) -> str:
     )
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message, cut short, with its type when the message is empty."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
 def load_diffusers(model: str, *, torch_dtype: torch.dtype | None = None, device: str | None = None,
                    offload: str | None = None) -> Any:
     """A diffusers pipeline from a hub id or local directory, with one clear error when unavailable."""
@@ -50,23 +57,34 @@ def load_diffusers(model: str, *, torch_dtype: torch.dtype | None = None, device
     local = Path(model).expanduser()
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    try:
-        if local.is_dir():
+    if local.is_dir():
+        try:
             pipe = DiffusionPipeline.from_pretrained(str(local), **kwargs)
-        else:
+        except Exception as err:  # noqa: BLE001 - a damaged folder fails in many libraries' own error types
+            raise ConceptAttentionError(
+                f"could not load the diffusers model in {local} ({_first_line(err)}); check that the folder is a "
+                "complete diffusers model (model_index.json and every component's config and weights), or pass "
+                "'shapes' for the built-in model"
+            ) from None
+    elif local.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ConceptAttentionError(
+            f"--model {short(model)} is neither a model folder nor a hub id (owner/name); give a diffusers model folder, "
+            "a hub id such as black-forest-labs/FLUX.1-schnell, or 'shapes'"
+        )
+    else:
+        try:
             try:
                 pipe = DiffusionPipeline.from_pretrained(model, local_files_only=True, **kwargs)
             except (OSError, ValueError):
                 if offline:
                     raise
                 pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
-        where = f"the directory {local}" if local.is_dir() else f"the hub id {model!r}"
-        raise ConceptAttentionError(
-            f"could not load {where}: {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
-            f"Download the weights on a connected machine (e.g. `huggingface-cli download {model} --local-dir DIR`, "
-            "accepting the model's licence on the hub first) and pass --model DIR, or 'shapes' for the built-in model"
-        ) from None
+        except Exception as err:  # noqa: BLE001 - hub, network and file errors all mean: not available here
+            raise ConceptAttentionError(
+                f"could not load the hub model {model!r} ({_first_line(err)}). Download it on a connected machine "
+                f"(`hf download {model} --local-dir DIR`, after accepting the model's licence on the hub) and pass "
+                "--model DIR, or 'shapes' for the built-in model"
+            ) from None
     _family(pipe)
     if offload == "model":
         pipe.enable_model_cpu_offload()
@@ -123,9 +141,7 @@ class MMDiTPipeline:
     @torch.no_grad()
     def encode_concepts(self, concepts: Sequence[str], concept_tokens: str = "first", max_length: int = 256) -> torch.Tensor:
         """One embedding per concept ``[K, joint_attention_dim]``, each concept encoded on its own."""
-        words = [str(c).strip() for c in concepts]
-        if not words:
-            raise ConceptAttentionError("the concept list is empty: pass at least one concept")
+        words = distinct_concepts(concepts)
         if concept_tokens not in ("first", "mean"):
             raise ConceptAttentionError(f"concept_tokens must be 'first' or 'mean', not {concept_tokens!r}")
         tokenizer, first = self._concept_tokenizer()
@@ -185,7 +201,7 @@ class MMDiTPipeline:
                            ("guidance_scale", guidance)):
             if value is not None:
                 kwargs[key] = value
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        generator = torch.Generator(device="cpu").manual_seed(check_seed(seed))
         steps_taken = kwargs.get("num_inference_steps", 28)
         calls = self._step_calls(kwargs, map_steps)
         began = time.perf_counter()
@@ -237,10 +253,7 @@ class MMDiTPipeline:
         max_sequence_length: int = 256,
     ) -> ConceptResult:
         """A real image -> maps (paper protocol: t = 0.5, 5 noise draws, averaged)."""
-        if not 0.0 <= t <= 1.0:
-            raise ConceptAttentionError(f"t must be in [0, 1], not {t}")
-        if samples < 1:
-            raise ConceptAttentionError("samples must be at least 1")
+        check_seed(seed)
         began = time.perf_counter()
         embeds = self.encode_concepts(concepts, concept_tokens, max_sequence_length)
         pixels, maps, (width, height) = self._encode_one(image, embeds, caption, t=t, samples=samples, seed=seed,
@@ -269,10 +282,9 @@ class MMDiTPipeline:
     def _noisy_inputs(self, image: Any, caption: str, *, t: float, samples: int, seed: int,
                       size: tuple[int, int] | None, guidance: float, max_sequence_length: int) -> tuple[torch.Tensor, dict, tuple[int, int]]:
         """Pixels, the transformer inputs of S noise draws at ``t`` (draw s from seed + s), and (W, H)."""
-        if not 0.0 <= t <= 1.0:
-            raise ConceptAttentionError(f"t must be in [0, 1], not {t}")
-        if samples < 1:
-            raise ConceptAttentionError("samples must be at least 1")
+        check_number(t, "t", 0.0, 1.0)
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ConceptAttentionError(f"samples must be a whole number, at least 1, not {samples!r}")
         width, height = self._size(image, size)
         pixels = load_image(image, size=(width, height))
         latents = self._latents(pixels)  # [1, C, h, w] scaled

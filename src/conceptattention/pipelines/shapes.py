@@ -12,7 +12,8 @@ from PIL import Image
 from ..core import ConceptAttention, default_layers
 from ..errors import ConceptAttentionError
 from ..shapes.model import IMAGE, ShapesModel, pack, sampling_times, unpack
-from .images import batch_seeds, load_image, noise_samples, sum_word_tokens
+from .images import batch_seeds, fit_square, noise_samples, sum_word_tokens
+from .options import check_seed, distinct_concepts
 from .result import ConceptResult, result_from_maps, result_from_session, with_raw
 from .result import upsample as _upsample
 
@@ -48,9 +49,7 @@ class ShapesPipeline:
         return next(self.model.parameters()).device
 
     def _concepts(self, concepts: Sequence[str]) -> tuple[list[str], torch.Tensor]:
-        words = [c.strip() for c in concepts]
-        if not words:
-            raise ConceptAttentionError("the concept list is empty: pass at least one concept word")
+        words = distinct_concepts(concepts)
         return words, self.model.encode_concepts(words)
 
     def sampler_settings(self, guidance: float | None, shift: float | None) -> tuple[float, float]:
@@ -90,6 +89,7 @@ class ShapesPipeline:
         if steps < 1:
             raise ConceptAttentionError("steps must be at least 1")
         words, embeds = self._concepts(concepts)
+        check_seed(seed)
         guidance, shift = self.sampler_settings(guidance, shift)
         began = time.perf_counter()
         session = self._session(embeds, layers, with_raw(readouts), calls=map_steps)
@@ -122,11 +122,16 @@ class ShapesPipeline:
             x = x + (times[i + 1] - times[i]) * (v_uncond + guidance * (v_cond - v_uncond))
         return (unpack(x, self.model.config.patch) * 0.5 + 0.5).clamp(0, 1)
 
-    def _pixels(self, image: Any) -> torch.Tensor:
-        """``[3, 64, 64]`` in [0, 1]; a tensor of that shape is used as is (no 8-bit rounding)."""
+    def _fit(self, image: Any) -> tuple[torch.Tensor, str]:
+        """``[3, 64, 64]`` in [0, 1], and what was done to fit the image to the model's fixed square size: a float
+        tensor of that shape is used as is (no 8-bit rounding); any other image is center-cropped to a square
+        and resized (:func:`~conceptattention.pipelines.images.fit_square`), never squashed."""
         if isinstance(image, torch.Tensor) and image.shape == (3, IMAGE, IMAGE) and image.is_floating_point():
-            return image.float().clamp(0, 1)
-        return load_image(image, size=(IMAGE, IMAGE))
+            return image.float().clamp(0, 1), f"unchanged ({IMAGE}x{IMAGE})"
+        return fit_square(image, IMAGE)
+
+    def _pixels(self, image: Any) -> torch.Tensor:
+        return self._fit(image)[0]
 
     @torch.no_grad()
     def token_maps(
@@ -212,14 +217,18 @@ class ShapesPipeline:
         layers: Sequence[int] | None = None,
         readouts: Sequence[str] = ("concept_attention",),
     ) -> ConceptResult:
-        """A real image -> maps: noise at ``t`` for ``samples`` seeds batched in one early-stopped pass."""
+        """A real image -> maps: noise at ``t`` for ``samples`` seeds batched in one early-stopped pass.
+
+        The model is fixed at 64x64: another image is center-cropped to a square, then resized; the result's
+        image is what the model saw and ``settings["input_fit"]`` says what was done."""
         began = time.perf_counter()
-        words = [c.strip() for c in concepts]
-        pixels = self._pixels(image)
+        words = distinct_concepts(concepts)
+        check_seed(seed)
+        pixels, fit = self._fit(image)
         maps = self.token_maps([pixels], words, [caption], readouts=with_raw(readouts), t=t, samples=samples,
                                seeds=[seed], layers=layers)
         chosen = list(layers) if layers else list(self.default_layers)
         settings = {"model": self.name, "mode": "encode", "caption": caption, "t": t, "samples": samples,
-                    "seed": seed, "layers": chosen, "readout": readouts[0],
+                    "seed": seed, "layers": chosen, "readout": readouts[0], "input_fit": fit,
                     "seconds": round(time.perf_counter() - began, 3)}
         return result_from_maps(to_pil(pixels), {k: v[0] for k, v in maps.items()}, words, settings)

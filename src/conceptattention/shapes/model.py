@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConceptAttentionError
+from ..errors import ConceptAttentionError, short
 
 IMAGE = 64
 
@@ -59,14 +59,14 @@ def tokenize(texts: list[str], max_tokens: int) -> torch.Tensor:
     rows = []
     for text in texts:
         words = text.lower().replace(",", " ").split()
-        unknown = [w for w in words if w not in WORD_TO_ID or w == "<pad>"]
+        unknown = list(dict.fromkeys(w for w in words if w not in WORD_TO_ID or w == "<pad>"))
         if unknown:
+            named = ", ".join(short(w, 30) for w in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
             raise ConceptAttentionError(
-                f"the shapes model does not know {', '.join(repr(w) for w in unknown)}; "
-                f"its vocabulary is: {' '.join(VOCAB[1:])}"
+                f"the shapes model does not know {named}; its vocabulary is: {' '.join(VOCAB[1:])}"
             )
         if len(words) > max_tokens:
-            raise ConceptAttentionError(f"{text!r} has {len(words)} words; the shapes model reads at most {max_tokens}")
+            raise ConceptAttentionError(f"{short(text)} has {len(words)} words; the shapes model reads at most {max_tokens}")
         rows.append([WORD_TO_ID[w] for w in words] + [0] * (max_tokens - len(words)))
     return torch.tensor(rows, dtype=torch.long)
 
@@ -426,12 +426,24 @@ class ShapesModel(nn.Module):
                 f"no shapes model in {directory} (expected model.safetensors and config.json); "
                 "train one with `conceptattention train-shapes --out DIR`"
             )
-        raw = json.loads(config_file.read_text())["config"]
-        raw["axes_dims_rope"] = tuple(raw["axes_dims_rope"])
-        raw["vocab"] = tuple(raw["vocab"])
-        if raw.get("map_layers") is not None:
-            raw["map_layers"] = tuple(raw["map_layers"])
-        model = cls(ShapesConfig(**raw))
-        state = {k: v.to(torch.float32) for k, v in load_file(str(weights)).items()}
-        model.load_state_dict(state)
+        try:
+            raw = json.loads(config_file.read_text())["config"]
+            raw["axes_dims_rope"] = tuple(raw["axes_dims_rope"])
+            raw["vocab"] = tuple(raw["vocab"])
+            if raw.get("map_layers") is not None:
+                raw["map_layers"] = tuple(raw["map_layers"])
+            model = cls(ShapesConfig(**raw))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError is a ValueError
+            raise ConceptAttentionError(
+                f"{config_file} is not a valid shapes-model config ({type(err).__name__}); restore it from where the "
+                "model came from, or retrain with `conceptattention train-shapes`"
+            ) from None
+        try:
+            state = {k: v.to(torch.float32) for k, v in load_file(str(weights)).items()}
+            model.load_state_dict(state)
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a corrupt file
+            raise ConceptAttentionError(
+                f"{weights} cannot be read as this model's weights ({type(err).__name__}); the file is damaged or "
+                "belongs to another model: restore it, or retrain with `conceptattention train-shapes`"
+            ) from None
         return model.to(device=device, dtype=dtype).eval()
