@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import colorsys
+import math
 import re
 
 import numpy as np
@@ -79,43 +81,115 @@ def overlay_with_colorbar(image: Image.Image, saliency: torch.Tensor | np.ndarra
 _PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
             (204, 121, 167), (0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
             (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+# Beyond the palette: hues spaced by the golden ratio, cycling through these (saturation, value) bands so that
+# neighbouring hues also differ in brightness.
+_BANDS = [(0.85, 0.95), (0.65, 0.6), (0.45, 0.85), (0.95, 0.45)]
+
+
+def _generated(i: int) -> tuple[int, int, int]:
+    s, v = _BANDS[i % len(_BANDS)]
+    r, g, b = colorsys.hsv_to_rgb((0.11 + i * 0.6180339887498949) % 1.0, s, v)
+    return round(255 * r), round(255 * g), round(255 * b)
+
+
+def _distance(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    return math.dist(a, b)
 
 
 def label_colors(k: int) -> list[tuple[int, int, int]]:
-    return [_PALETTE[i % len(_PALETTE)] for i in range(k)]
+    """``k`` distinct label colours, never white (the background): the 18-colour palette, then generated hues
+    kept as far from every colour already chosen as can be (the required gap shrinks only as they run out)."""
+    colors = list(_PALETTE[:k])
+    taken = set(colors) | {(255, 255, 255)}
+    gap, i, misses = 48.0, 0, 0
+    while len(colors) < k:
+        if gap >= 1.0:
+            candidate = _generated(i)
+            i += 1
+            far = min(_distance(candidate, c) for c in [*colors, (255, 255, 255)]) >= gap
+            if candidate in taken or not far:
+                misses += 1
+                if misses >= 4 * len(_BANDS) * 16:  # none left this far apart: accept closer ones
+                    gap, misses = gap / 2, 0
+                continue
+        else:  # the generated hues are used up: walk the whole colour cube (an odd stride visits every code once)
+            code = (i * 2654435761) % (1 << 24)
+            i += 1
+            candidate = (code >> 16, (code >> 8) & 255, code & 255)
+            if candidate in taken:
+                continue
+        misses = 0
+        colors.append(candidate)
+        taken.add(candidate)
+    return colors
 
 
-def segmentation(image: Image.Image, maps: torch.Tensor, concepts: list[str], longer: int = 384,
-                 alpha: float = 0.6) -> Image.Image:
-    """Argmax over concepts per pixel, coloured and blended over the image, with a legend."""
+def _legend_width(draw: ImageDraw.ImageDraw, lines: list[str], font) -> int:
+    return 40 + max(int(math.ceil(draw.textlength(line, font=font))) for line in lines)
+
+
+def segmentation(image: Image.Image, maps: torch.Tensor, concepts: list[str], longer: int = 384) -> Image.Image:
+    """The image, beside it the argmax over concepts per pixel in solid label colours (each pixel exactly its
+    concept's legend colour), then a legend of solid swatches with each concept's share of the pixels.
+
+    Layout: image at x = 0, the segmentation at x = image width + 8, the legend after it (a swatch per
+    row of 20 px from y = 6); the canvas grows with the number of concepts."""
     labels = maps.float().argmax(0).cpu().numpy()
     colors = np.array(label_colors(len(concepts)), dtype=np.uint8)
     size = _display_size(image, longer)
     seg = Image.fromarray(colors[labels]).resize(size, Image.NEAREST)
-    blended = Image.blend(image.convert("RGB").resize(size, Image.BILINEAR), seg, alpha)
-    font, row = _font(), 20
+    font, row, gap = _font(), 20, 8
     share = np.bincount(labels.ravel(), minlength=len(concepts)) / labels.size
-    legend_w = 24 + max(len(f"{c}  100%") for c in concepts) * 8
-    canvas = Image.new("RGB", (size[0] + legend_w, max(size[1], row * len(concepts) + 8)), "white")
-    canvas.paste(blended, (0, 0))
+    lines = [f"{concept}  {100 * share[k]:.0f}%" for k, concept in enumerate(concepts)]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 2 * size[0] + gap  # where the legend starts
+    canvas = Image.new("RGB", (left + _legend_width(measure, lines, font), max(size[1], row * len(concepts) + 8)),
+                       "white")
+    canvas.paste(image.convert("RGB").resize(size, Image.NEAREST), (0, 0))
+    canvas.paste(seg, (size[0] + gap, 0))
     draw = ImageDraw.Draw(canvas)
-    for k, (concept, color) in enumerate(zip(concepts, colors.tolist())):
+    for k, (line, color) in enumerate(zip(lines, colors.tolist())):
         y = 6 + k * row
-        draw.rectangle([size[0] + 6, y, size[0] + 20, y + 14], fill=tuple(color), outline="black")
-        draw.text((size[0] + 26, y), f"{concept}  {100 * share[k]:.0f}%", fill="black", font=font)
+        draw.rectangle([left + 5, y - 1, left + 21, y + 15], fill=(0, 0, 0))  # a 1-px frame, then the solid swatch
+        draw.rectangle([left + 6, y, left + 20, y + 14], fill=tuple(color))
+        draw.text((left + 28, y), line, fill="black", font=font)
     return canvas
 
 
-def concept_grid(image: Image.Image, maps: torch.Tensor, concepts: list[str], cell: int = 192) -> Image.Image:
-    """One row: the image, then one labelled overlay per concept (aspect ratio kept)."""
+def _clipped(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """``text``, shortened in the middle with an ellipsis to fit ``width`` pixels (both ends stay readable:
+    "a very long concept 12" -> "a very…ept 12")."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    head, tail = text[: (len(text) + 1) // 2], text[(len(text) + 1) // 2:]
+    while head or tail:
+        if len(head) >= len(tail):
+            head = head[:-1]
+        else:
+            tail = tail[1:]
+        if draw.textlength(head + "…" + tail, font=font) <= width:
+            break
+    return head + "…" + tail
+
+
+def concept_grid(image: Image.Image, maps: torch.Tensor, concepts: list[str], cell: int = 192,
+                 columns: int = 8) -> Image.Image:
+    """The image, then one labelled overlay per concept (aspect ratio kept), in rows of at most ``columns``
+    tiles: a few concepts make one row, many wrap into more rows instead of an ever wider picture."""
+    if columns < 1:
+        raise ValueError("columns must be at least 1")
     label_h = 22
     size = _display_size(image, cell)
     tiles = [image.convert("RGB").resize(size, Image.NEAREST)]
     tiles += [overlay(image, maps[k]).resize(size, Image.NEAREST) for k in range(len(concepts))]
-    grid = Image.new("RGB", ((size[0] + 4) * len(tiles), size[1] + label_h), "white")
+    across = min(columns, len(tiles))
+    rows = math.ceil(len(tiles) / across)
+    step_x, step_y = size[0] + 4, size[1] + label_h
+    grid = Image.new("RGB", (step_x * across, step_y * rows), "white")
     draw = ImageDraw.Draw(grid)
     font = _font()
     for i, (tile, label) in enumerate(zip(tiles, ["image", *concepts])):
-        grid.paste(tile, (i * (size[0] + 4), label_h))
-        draw.text((i * (size[0] + 4) + 4, 4), label, fill="black", font=font)
+        x, y = (i % across) * step_x, (i // across) * step_y
+        grid.paste(tile, (x, y + label_h))
+        draw.text((x + 4, y + 4), _clipped(draw, label, font, size[0] - 4), fill="black", font=font)
     return grid
