@@ -336,6 +336,44 @@ def test_eval_killed_and_resumed_gives_identical_numbers(tmp_path):
     assert r.returncode != 0 and "other settings" in r.stderr
 
 
+def test_resume_cuts_a_torn_last_line_before_appending(tmp_path, monkeypatch):
+    """A kill in the middle of a write leaves a torn last line. The resumed run must cut it off before appending
+    its first record, or that record is glued to the torn piece, unreadable, and recomputed on every resume."""
+    from conceptattention.eval import runner
+    from conceptattention.pipelines import load_pipeline
+
+    pipe, ds = load_pipeline("shapes"), load_dataset("shapes", images=6)
+    options = {"progress": False, "batch": 2, "samples": 1, "rank": 0, "world": 1}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    expected = evaluate(pipe, ds, ["concept_attention"], whole, **options)
+    lines = (whole / "records-0.jsonl").read_text().splitlines(keepends=True)
+    assert len(lines) == 3  # 6 images in chunks of 2
+    cut.mkdir()
+    (cut / "run.json").write_text((whole / "run.json").read_text())
+    (cut / "records-0.jsonl").write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # chunk 1 torn mid-write
+
+    computed = []
+    real = runner.run_methods
+
+    def counting(pipe, chosen, images, *args):
+        computed.append(len(images))
+        return real(pipe, chosen, images, *args)
+
+    monkeypatch.setattr(runner, "run_methods", counting)
+    resumed = evaluate(pipe, ds, ["concept_attention"], cut, **options)
+    assert computed == [2, 2]  # chunks 1 and 2, not chunk 0
+    assert resumed["methods"] == expected["methods"]
+    entries = [json.loads(line) for line in (cut / "records-0.jsonl").read_text().splitlines()]  # every line parses
+    assert sorted(e["chunk"] for e in entries) == [0, 1, 2]
+    assert (cut / "records-0.jsonl").read_text().endswith("\n")
+
+    computed.clear()
+    before = (cut / "records-0.jsonl").read_bytes()
+    again = evaluate(pipe, ds, ["concept_attention"], cut, **options)  # everything is recorded: nothing to compute
+    assert computed == [] and (cut / "records-0.jsonl").read_bytes() == before
+    assert again["methods"] == expected["methods"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,7 +4,8 @@
   one batch, whatever the number of processes, so every image's maps are the same in any run.
 - After each chunk, one JSON line holding the chunk's per-image records (pixel counts, average
   precisions) is appended to ``OUT/records-<rank>.jsonl`` and flushed. A killed run restarted with the
-  same ``OUT`` skips the chunks already recorded; a half-written last line is ignored.
+  same ``OUT`` skips the chunks already recorded; a half-written last line is ignored, and cut off before
+  the next record is appended.
 - Several processes (``accelerate launch``, ``torchrun``, ``mpirun``: rank and world size are read from
   the environment) take every world-th chunk. The final numbers are sums over images in dataset
   order, so 1 process, N processes and an interrupted-and-resumed run give identical results.
@@ -259,6 +260,21 @@ def _read_records(out: Path) -> dict[int, list[dict]]:
     return chunks
 
 
+def _open_records(path: Path):
+    """``path`` opened for appending records, after cutting a torn last line (one an interruption left without
+    its newline) back to the end of the last complete line: a record appended to the torn piece would make
+    one unreadable line, so its chunk would be recomputed on every resume."""
+    if path.is_file():
+        with path.open("r+b") as f:
+            data = f.read()
+            end = data.rfind(b"\n") + 1
+            if end != len(data):
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
+    return path.open("a")
+
+
 def _model_settings(pipe: Any, dataset: Dataset, overrides: dict) -> dict:
     settings = {"t": 0.5, "samples": 4 if getattr(pipe, "name", "") == "shapes" else 5, "seed": 0, "layers": None,
                 "batch": 50 if dataset.name == "shapes" else 1, **dataset.settings}
@@ -320,7 +336,7 @@ def evaluate(
         elif rank == 0:
             run_file.write_text(json.dumps(header, indent=2))
         done = _read_records(out)
-        records_file = (out / f"records-{rank}.jsonl").open("a")
+        records_file = _open_records(out / f"records-{rank}.jsonl")
 
     mine = [c for c in range(len(chunks)) if c % world == rank and c not in done]
     call_settings = {k: settings[k] for k in ("t", "samples", "layers")}
@@ -341,11 +357,14 @@ def evaluate(
             for concepts, members in groups.items():
                 group = [samples[j] for j in members]
                 seeds = [settings["seed"] + 1000 * chunks[c][j] for j in members]
+                bar.set_postfix_str(f"maps of {len(group)} images", refresh=True)  # one batched pass
                 maps = run_methods(pipe, chosen, [s.image for s in group], list(concepts), [s.caption for s in group],
                                    {**call_settings, "seeds": seeds})
+                bar.set_postfix_str("scoring", refresh=False)
                 for pos, j in enumerate(members):
                     per_sample[j] = {name: score_sample(maps[name][pos], samples[j], settings, len(class_names))
                                      for name in names}
+                    bar.update(1)  # the bar moves image by image, every image of the chunk once
             for j, sample in enumerate(samples):
                 images_out.append({"index": chunks[c][j], "key": sample.key, "methods": per_sample[j]})
             done[c] = images_out
@@ -353,7 +372,6 @@ def evaluate(
                 records_file.write(json.dumps({"chunk": c, "images": images_out}) + "\n")
                 records_file.flush()
                 os.fsync(records_file.fileno())
-            bar.update(len(samples))
     finally:
         bar.close()
         if records_file is not None:
