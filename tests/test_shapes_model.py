@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 
@@ -107,11 +108,17 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     whole = train(tmp_path / "whole", cfg, TINY, progress=False)
     train(tmp_path / "parts", replace(cfg, steps=2), TINY, progress=False)
     parts = train(tmp_path / "parts", cfg, TINY, progress=False)
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    assert a["opt"]["param_groups"] == b["opt"]["param_groups"]  # the resumed optimiser kept its settings
+    for p, moments in a["opt"]["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(value, b["opt"]["state"][p][name]), (p, name)
     logs = [json.loads(line) for line in (tmp_path / "parts" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
     assert (whole / "model.safetensors").is_file() and (parts / "config.json").is_file()
@@ -122,19 +129,65 @@ def test_stop_after_keeps_the_schedule_and_resumes_into_the_whole_run(tmp_path):
 
     cfg = TrainConfig(steps=6, batch=4, bf16=False, checkpoint_every=100, log_every=1, warmup=2)
     whole = torch.load(train(tmp_path / "whole", cfg, TINY, progress=False).parent / "checkpoint.pt",
-                       weights_only=False)
+                       weights_only=True)
     train(tmp_path / "parts", cfg, TINY, progress=False, stop_after=3)
-    early = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)
+    early = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
     assert early["step"] == 3 and json.loads((tmp_path / "parts" / "weights" / "config.json").read_text())["steps"] == 3
     logs = [json.loads(line) for line in (tmp_path / "parts" / "log.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in logs] == pytest.approx([lr_at(s, cfg) for s in range(3)])  # the 6-step schedule
     train(tmp_path / "parts", cfg, TINY, progress=False, stop_after=2)  # already past it: nothing is trained
-    assert torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)["step"] == 3
     train(tmp_path / "parts", cfg, TINY, progress=False)
-    done = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=False)
+    done = torch.load(tmp_path / "parts" / "checkpoint.pt", weights_only=True)
     assert done["step"] == 6 and all(torch.equal(whole["model"][k], done["model"][k]) for k in whole["model"])
     with pytest.raises(ConceptAttentionError, match="stop_after is a step count"):
         train(tmp_path / "bad", cfg, TINY, progress=False, stop_after=0)
+
+
+def _plain_values(value) -> bool:
+    """Whether ``value`` is built of tensors, str/int-keyed dicts, lists, str, int, float, bool and None only."""
+    if isinstance(value, torch.Tensor) or value is None or type(value) in (bool, int, float, str):
+        return True
+    if isinstance(value, dict) and type(value) in (dict, OrderedDict):  # module state dicts are ordered
+        return all(type(k) in (str, int) and _plain_values(v) for k, v in value.items())
+    if type(value) is list:
+        return all(_plain_values(v) for v in value)
+    return False
+
+
+class _Planted:
+    """An object whose unpickling touches a file: what a checkpoint must never be allowed to do on load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_checkpoints_hold_only_plain_values_and_load_with_weights_only(tmp_path):
+    cfg = TrainConfig(steps=2, batch=2, bf16=False, checkpoint_every=1, log_every=1, warmup=1, reader_weight=0.1,
+                      reader_blocks=(0, -1))
+    train(tmp_path / "run", cfg, TINY, progress=False, stop_after=1)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)  # no pickled code is run
+    assert set(state) == {"model", "ema", "opt", "step", "train_config", "model_config", "reader"}
+    assert state["step"] == 1 and _plain_values(state)
+    assert state["model_config"]["axes_dims_rope"] == [4, 6, 6] and state["train_config"]["reader_blocks"] == [0, -1]
+    assert ShapesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["model_config"].items()}) == TINY
+    assert state["opt"]["param_groups"][0]["betas"] == [0.9, 0.99]
+    train(tmp_path / "run", cfg, TINY, progress=False)  # it resumes from that file
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
+
+    # a checkpoint that holds a pickled object is refused, and the object's code never runs
+    marker = tmp_path / "ran"
+    state["planted"] = _Planted(marker)
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ConceptAttentionError, match="holds more than tensors and plain values.*delete it"):
+        train(tmp_path / "run", replace(cfg, steps=3), TINY, progress=False)
+    assert not marker.exists()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"cut short")
+    with pytest.raises(ConceptAttentionError, match="cannot read the checkpoint"):
+        train(tmp_path / "run", replace(cfg, steps=3), TINY, progress=False)
 
 
 def test_object_weighted_loss_and_init_from_weights(tiny_dir, tmp_path):
@@ -227,6 +280,26 @@ def test_bad_inputs(tiny_dir, tmp_path):
         assert pipe.encode(path, ["circle"]).maps.shape == (1, 64, 64)
     with pytest.raises(ConceptAttentionError, match="no shapes model in"):
         ShapesPipeline.from_pretrained(tmp_path)
+
+
+def test_encode_center_crops_a_non_square_image_and_records_it(tiny_dir, tmp_path):
+    pipe = ShapesPipeline.from_pretrained(tiny_dir)
+    wide = np.zeros((200, 300, 3), np.uint8)
+    wide[:, :50], wide[:, 50:250], wide[:, 250:] = (255, 0, 0), (0, 0, 255), (0, 255, 0)  # margins differ
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    res = pipe.encode(tmp_path / "wide.png", ["circle", "sky"], caption="a blue circle in the sky", samples=1)
+    seen = np.asarray(res.image)
+    assert seen.shape == (64, 64, 3) and (seen == (0, 0, 255)).all()  # the centre only, not squashed margins
+    assert res.settings["input_fit"] == "center-crop 300x200 to 200x200, resized to 64x64"
+    centre = pipe.encode(Image.fromarray(wide[:, 50:250]).resize((64, 64), Image.BICUBIC), ["circle", "sky"],
+                         caption="a blue circle in the sky", samples=1)
+    torch.testing.assert_close(res.token_maps, centre.token_maps)  # the maps are those of the centre
+    assert centre.settings["input_fit"] == "unchanged (64x64)"
+    big = pipe.encode(Image.new("RGB", (128, 128), "red"), ["circle"], samples=1)
+    assert big.settings["input_fit"] == "resized 128x128 to 64x64"
+    assert pipe.encode(torch.rand(3, 64, 64), ["circle"], samples=1).settings["input_fit"] == "unchanged (64x64)"
+    info = json.loads(res.save(tmp_path / "out")["result"].read_text())
+    assert info["input_fit"] == res.settings["input_fit"]
 
 
 def test_cli_generate_encode_and_errors(tiny_dir, tmp_path):
@@ -677,7 +750,7 @@ def test_cli_trains_with_colorless_captions_or_more_objects_and_checks_the_share
     assert run_meta(tmp_path / "m")["train_config"]["multi_object_rate"] == 0.25
     for flag in ("--colorless-rate", "--t-uniform", "--multi-object-rate"):
         r = runner.invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), flag, "1.5", "--quiet"])
-        assert r.exit_code == 2 and f"{flag} is a share of the batch, between 0 and 1, not 1.5" in r.output
+        assert r.exit_code == 2 and f"Invalid value for '{flag}': 1.5 is above 1" in r.output, r.output
     assert not (tmp_path / "bad").exists()
 
 
@@ -913,13 +986,14 @@ def test_reading_objective_trains_a_head_that_stays_out_of_the_weights(tiny_dir,
     r = train_briefly(out, "--init-from", str(tiny_dir), "--reader-weight", "0.1", "--colorless-rate", "0.5")
     assert r.exit_code == 0, r.output
     assert run_meta(out)["train_config"]["reader_weight"] == 0.1
-    assert "reader" in torch.load(out / "checkpoint.pt", weights_only=False)
+    assert "reader" in torch.load(out / "checkpoint.pt", weights_only=True)
     loaded = ShapesModel.load(out / "weights")  # the exported weights are the model alone
     assert set(loaded.state_dict()) == set(ShapesModel.load(tiny_dir).state_dict())
     r = train_briefly(out, steps=3)  # resuming without the objective would drop the head's training
     assert r.exit_code == 2 and "resume with the same --reader-weight" in r.output, r.output
     r = CliRunner().invoke(app, ["train-shapes", "--out", str(tmp_path / "bad"), "--reader-weight", "-1", "--quiet"])
-    assert r.exit_code == 2 and "--reader-weight is a loss weight" in r.output
+    assert r.exit_code == 2 and "Invalid value for '--reader-weight': -1 is below 0" in r.output, r.output
+    assert not (tmp_path / "bad").exists()
 
 
 def test_reading_at_several_blocks_reads_each_with_its_own_head(tiny_dir, tmp_path):
@@ -956,7 +1030,7 @@ def test_reading_at_several_blocks_reads_each_with_its_own_head(tiny_dir, tmp_pa
 
     old = tmp_path / "old"  # a checkpoint from before several blocks could be read: one bare head
     assert train_briefly(old, "--init-from", str(tiny_dir), "--reader-weight", "0.1").exit_code == 0
-    state = torch.load(old / "checkpoint.pt", weights_only=False)
+    state = torch.load(old / "checkpoint.pt", weights_only=True)
     state["reader"] = {k.split(".", 1)[1]: v for k, v in state["reader"].items()}
     state["train_config"].pop("reader_blocks")
     torch.save(state, old / "checkpoint.pt")

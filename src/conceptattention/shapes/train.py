@@ -4,6 +4,8 @@ Reproducible from (config, seed): the batch of step s is ``sample_scenes(batch, 
 and the noise/timesteps of step s come from a generator seeded by (seed, s), so a resumed run sees
 exactly what an uninterrupted run would. Checkpoints (model, EMA, optimiser, step) are written
 atomically every ``checkpoint_every`` steps and on interruption; ``train`` resumes from the last one.
+A checkpoint holds only tensors and plain values (the configs as dicts), and is read back with
+``torch.load(..., weights_only=True)``, which runs no pickled code.
 """
 
 from __future__ import annotations
@@ -360,15 +362,71 @@ def init_model(source: str) -> ShapesModel:
     return ShapesModel.load(directory, dtype=torch.float32)
 
 
+def _plain(value, where: str = "checkpoint"):
+    """``value`` as what ``torch.load(..., weights_only=True)`` reads back without running any pickled code:
+    tensors, dicts with str/int keys, lists (tuples become lists), str, int, float, bool and None."""
+    if isinstance(value, torch.Tensor) or value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        if not all(isinstance(k, (str, int)) for k in value):
+            raise TypeError(f"{where} has keys other than str and int; a checkpoint holds only plain values")
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"{where} is a {type(value).__name__}; a checkpoint holds only tensors and plain values")
+
+
+def _optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """The optimiser's state dict with plain values only (its ``betas`` tuple kept as a list)."""
+    return _plain(opt.state_dict(), "opt")
+
+
+def _load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a state saved by :func:`_optimizer_state`, giving each setting back the type the optimiser uses."""
+    current = opt.param_groups
+    groups = []
+    for i, group in enumerate(saved["param_groups"]):
+        now = current[i] if i < len(current) else {}
+        groups.append({k: tuple(v) if isinstance(now.get(k), tuple) and isinstance(v, list) else v
+                       for k, v in group.items()})
+    opt.load_state_dict({**saved, "param_groups": groups})
+
+
 def _save_checkpoint(path: Path, model, ema, opt, step: int, cfg: TrainConfig, model_cfg: ShapesConfig,
                      reader: torch.nn.Module | None = None) -> None:
+    """Write ``path`` atomically; it holds only tensors and plain values (the configs as dicts, see
+    :func:`_plain`), so :func:`load_checkpoint` reads it with ``weights_only=True``."""
     tmp = path.with_suffix(".tmp")
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-             "train_config": asdict(cfg), "model_config": asdict(model_cfg)}
+    # module state dicts stay as they are: ordered dicts of tensors, whose version metadata weights_only also reads
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": _optimizer_state(opt),
+             "step": int(step), "train_config": _plain(asdict(cfg)), "model_config": _plain(asdict(model_cfg))}
     if reader is not None:
         state["reader"] = reader.state_dict()
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint written by :func:`train`, read with ``weights_only=True`` (no pickled code is run)."""
+    import pickle
+    import re
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is cut short or foreign
+        raise ConceptAttentionError(f"cannot read the checkpoint {path} (not a complete torch.save file); delete it "
+                                    "to train from the start")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"it refers to {found.group(1)}" if found else "it holds pickled objects"
+        raise ConceptAttentionError(
+            f"{path} holds more than tensors and plain values, so it is not loaded ({what}); delete it to train "
+            "from the start, or resume with the conceptattention version that wrote it") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConceptAttentionError(f"cannot read the checkpoint {path} ({first}); delete it to train from the "
+                                    "start") from None
 
 
 def train(
@@ -394,7 +452,7 @@ def train(
     dev = torch.device(device)
     torch.manual_seed(cfg.seed)
     ckpt = out / "checkpoint.pt"
-    state = torch.load(ckpt, map_location=dev, weights_only=False) if ckpt.is_file() else None
+    state = load_checkpoint(ckpt, dev) if ckpt.is_file() else None
     if state is not None:  # resume: the checkpoint's architecture wins
         model_cfg = ShapesConfig(**{k: tuple(v) if isinstance(v, list) else v
                                     for k, v in state["model_config"].items()})
@@ -457,7 +515,7 @@ def train(
             if "weight" in heads:  # a checkpoint from before reader_blocks kept its one head bare
                 heads = {f"0.{k}": v for k, v in heads.items()}
             reader.load_state_dict(heads)
-        opt.load_state_dict(state["opt"])
+        _load_optimizer_state(opt, state["opt"])
         start = state["step"]
         cfg = TrainConfig(**{**asdict(cfg), "steps": max(cfg.steps, start)})
 
