@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conceptattention import viz
 from conceptattention.errors import ConceptAttentionError
 from conceptattention.pipelines import load_pipeline
 from conceptattention.pipelines.images import fit_square, open_image
 from conceptattention.pipelines.result import ConceptResult, overlay_names
-from conceptattention.viz import concept_grid, label_colors, segmentation
+from conceptattention.viz import concept_grid, label_colors, overlay_with_colorbar, segmentation
 
 
 def test_overlay_names_are_safe_distinct_and_avoid_reserved_files():
@@ -185,3 +188,52 @@ def test_raw_maps_are_the_scores_before_the_softmax():
     grid = pipe.model.grid  # tokens per side of the shipped model (16 at 4x4 patches)
     assert res.raw_token_maps.shape == res.token_maps.shape == (3, grid, grid)
     torch.testing.assert_close(res.raw_token_maps.softmax(0), res.token_maps, rtol=1e-5, atol=1e-6)
+
+
+def _bar_and_overlay(cmap):
+    """overlay_with_colorbar of a left-to-right ramp over a gray 64x64 image: its colour bar ``[64, 16, 3]``
+    (y 26.., x 72..) and its overlay ``[64, 64, 3]`` (y 26.., x 0..), as ints."""
+    ramp = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (64, 1))
+    canvas = np.asarray(overlay_with_colorbar(Image.new("RGB", (64, 64), (128, 128, 128)), ramp, "x", longer=64,
+                                              cmap=cmap)).astype(int)
+    return canvas[26:90, 72:88], canvas[26:90, :64]
+
+
+def _check_bar_and_overlay(cmap, colours_of):
+    """The colour bar runs from the top colour (the map's maximum) down to the bottom one, and the overlay is
+    the image blended (0.55) with the same colours: ``colours_of(values)`` -> ``[N, 3]`` floats in 0..255."""
+    bar, heat = _bar_and_overlay(cmap)
+    assert (bar == bar[:, :1]).all()  # one colour per row
+    assert np.abs(bar[:, 0] - colours_of(np.linspace(1.0, 0.0, 64))).max() <= 1
+    expected = 0.45 * 128 + 0.55 * colours_of(np.linspace(0.0, 1.0, 64))  # column j holds the value j / 63
+    assert np.abs(heat - expected[None]).max() <= 2
+    return bar
+
+
+def test_colour_bar_uses_the_overlays_colour_map():
+    matplotlib = pytest.importorskip("matplotlib")
+
+    def colours(name):
+        return lambda v: matplotlib.colormaps[name](v)[:, :3] * 255.0
+
+    magma = _check_bar_and_overlay("magma", colours("magma"))
+    default = _check_bar_and_overlay(None, colours("viridis"))
+    assert np.abs(magma - default).max() > 50  # the colour map named is the one drawn
+
+
+def test_colour_bar_without_matplotlib_is_the_five_point_ramp(monkeypatch):
+    viz._colormap.cache_clear()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    anchors = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
+    try:
+        bar = _check_bar_and_overlay(
+            None, lambda v: np.stack([np.interp(v, np.linspace(0, 1, 5), anchors[:, c]) for c in range(3)], -1))
+    finally:
+        viz._colormap.cache_clear()
+    assert bar[0, 0].tolist() == [253, 231, 37] and bar[-1, 0].tolist() == [68, 1, 84]
+
+
+def test_importing_viz_does_not_import_matplotlib():
+    code = "import sys, conceptattention.viz; print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import functools
 import math
 import re
 
@@ -10,18 +11,63 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-# A perceptually ordered dark-blue -> yellow ramp (viridis-like anchor points).
+from .errors import ConceptAttentionError
+
+# A perceptually ordered dark-blue -> yellow ramp (viridis-like anchor points): the colour map when matplotlib
+# is not installed.
 _RAMP = np.array(
     [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32
 )
 
+#: The colour map of every heat map unless one is named.
+DEFAULT_CMAP = "viridis"
 
-def colorize(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] ``[H, W]`` -> RGB uint8 ``[H, W, 3]``."""
-    v = np.clip(values, 0.0, 1.0) * (len(_RAMP) - 1)
+
+@functools.lru_cache(maxsize=32)
+def _colormap(name: str):
+    """matplotlib's colour map called ``name``, or None without matplotlib (imported here, on first use, so
+    importing this module stays cheap; the lookup is cached: matplotlib hands out a fresh copy each time)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    try:
+        cmap = matplotlib.colormaps[name]
+    except (KeyError, ValueError):
+        raise ConceptAttentionError(
+            f"unknown colour map {name!r}; give one of matplotlib's, such as viridis, magma, inferno, plasma, "
+            "cividis, turbo or gray (list(matplotlib.colormaps) has them all)") from None
+    cmap(np.zeros(1))  # build its lookup table now, not lazily in a later (maybe concurrent) call
+    return cmap
+
+
+def _ramp(v: np.ndarray) -> np.ndarray:
+    v = np.clip(v, 0.0, 1.0) * (len(_RAMP) - 1)
     lo = np.floor(v).astype(int).clip(0, len(_RAMP) - 2)
     frac = (v - lo)[..., None]
     return (_RAMP[lo] * (1 - frac) + _RAMP[lo + 1] * frac).astype(np.uint8)
+
+
+def colorize(values: np.ndarray, cmap: str | None = None) -> np.ndarray:
+    """Values in [0, 1] ``[H, W]`` -> RGB uint8 ``[H, W, 3]``.
+
+    ``cmap`` names a matplotlib colour map (default viridis). Without matplotlib installed, the default is
+    drawn with a built-in five-point viridis-like ramp, and naming another colour map is an error.
+    """
+    name = DEFAULT_CMAP if cmap is None else cmap
+    if not isinstance(name, str):  # a matplotlib Colormap object itself
+        colormap = name
+    else:
+        colormap = _colormap(name)
+        if colormap is None:
+            if name != DEFAULT_CMAP:
+                raise ConceptAttentionError(
+                    f'the colour map {name!r} needs matplotlib: pip install "conceptattention[plot]" '
+                    f"(without it only the default, {DEFAULT_CMAP}, is available)")
+            return _ramp(values)
+    v = np.asarray(values)
+    v = np.clip(v if v.dtype.kind == "f" else v.astype(np.float32), 0.0, 1.0)  # integers are values, not indices
+    return np.ascontiguousarray(colormap(v, bytes=True)[..., :3])
 
 
 def normalise(m: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -31,9 +77,10 @@ def normalise(m: torch.Tensor | np.ndarray) -> np.ndarray:
     return (a - a.min()) / span if span > 0 else np.zeros_like(a)
 
 
-def overlay(image: Image.Image, saliency: torch.Tensor | np.ndarray, alpha: float = 0.55) -> Image.Image:
+def overlay(image: Image.Image, saliency: torch.Tensor | np.ndarray, alpha: float = 0.55,
+            cmap: str | None = None) -> Image.Image:
     """The image blended with its saliency heat map (map resized to the image if needed)."""
-    heat = colorize(normalise(saliency))
+    heat = colorize(normalise(saliency), cmap)
     heat_img = Image.fromarray(heat).resize(image.size, Image.BILINEAR)
     return Image.blend(image.convert("RGB"), heat_img, alpha)
 
@@ -58,16 +105,17 @@ def _font(size: int = 14) -> ImageFont.ImageFont:
 
 
 def overlay_with_colorbar(image: Image.Image, saliency: torch.Tensor | np.ndarray, label: str,
-                          longer: int = 384) -> Image.Image:
-    """A titled overlay of one concept's map with a colour bar giving the map's value range."""
+                          longer: int = 384, cmap: str | None = None) -> Image.Image:
+    """A titled overlay of one concept's map with a colour bar giving the map's value range (both in the
+    colour map ``cmap``, see :func:`colorize`)."""
     a = saliency.detach().float().cpu().numpy() if isinstance(saliency, torch.Tensor) else np.asarray(saliency)
     lo, hi = float(a.min()), float(a.max())
     size = _display_size(image, longer)
-    heat = overlay(image.convert("RGB").resize(size, Image.NEAREST), a)
+    heat = overlay(image.convert("RGB").resize(size, Image.NEAREST), a, cmap=cmap)
     title_h, bar_w, pad, text_w = 26, 16, 8, 64
     canvas = Image.new("RGB", (size[0] + pad + bar_w + text_w, size[1] + title_h), "white")
     canvas.paste(heat, (0, title_h))
-    ramp = colorize(np.linspace(1.0, 0.0, size[1])[:, None].repeat(bar_w, 1))
+    ramp = colorize(np.linspace(1.0, 0.0, size[1])[:, None].repeat(bar_w, 1), cmap)
     canvas.paste(Image.fromarray(ramp), (size[0] + pad, title_h))
     draw, font = ImageDraw.Draw(canvas), _font()
     draw.text((4, 5), label, fill="black", font=font)
@@ -173,15 +221,16 @@ def _clipped(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
 
 
 def concept_grid(image: Image.Image, maps: torch.Tensor, concepts: list[str], cell: int = 192,
-                 columns: int = 8) -> Image.Image:
+                 columns: int = 8, cmap: str | None = None) -> Image.Image:
     """The image, then one labelled overlay per concept (aspect ratio kept), in rows of at most ``columns``
-    tiles: a few concepts make one row, many wrap into more rows instead of an ever wider picture."""
+    tiles: a few concepts make one row, many wrap into more rows instead of an ever wider picture.
+    ``cmap``: the heat maps' colour map (see :func:`colorize`)."""
     if columns < 1:
         raise ValueError("columns must be at least 1")
     label_h = 22
     size = _display_size(image, cell)
     tiles = [image.convert("RGB").resize(size, Image.NEAREST)]
-    tiles += [overlay(image, maps[k]).resize(size, Image.NEAREST) for k in range(len(concepts))]
+    tiles += [overlay(image, maps[k], cmap=cmap).resize(size, Image.NEAREST) for k in range(len(concepts))]
     across = min(columns, len(tiles))
     rows = math.ceil(len(tiles) / across)
     step_x, step_y = size[0] + 4, size[1] + label_h

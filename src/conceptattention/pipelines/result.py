@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,8 +19,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .. import __version__
-from ..errors import ConceptAttentionError
+from ..errors import ConceptAttentionError, short
 from ..readouts import Readout, resolve_readouts
+
+if TYPE_CHECKING:  # matplotlib is optional: imported only inside plot()
+    from matplotlib.figure import Figure
 
 
 RESERVED = {"image", "maps", "maps_raw", "grid", "segmentation", "result"}
@@ -65,6 +69,98 @@ class ConceptResult:
     settings: dict[str, Any] = field(default_factory=dict)
     extra_maps: dict[str, torch.Tensor] = field(default_factory=dict)
     raw_token_maps: torch.Tensor | None = None
+
+    # -- a mapping from concept to map, for notebooks: result["dog"], "dog" in result, for c in result --
+
+    def _index(self, concept: str) -> int:
+        if not isinstance(concept, str):
+            raise TypeError(f"a result is indexed by concept name, one of {self.concepts}, not by "
+                            f"{type(concept).__name__}; for the k-th map use result.maps[k]")
+        try:
+            return self.concepts.index(concept)
+        except ValueError:
+            raise KeyError(f"no concept {concept!r} in this result; its concepts are {self.concepts}") from None
+
+    def __getitem__(self, concept: str) -> torch.Tensor:
+        """The map of ``concept``, ``[H, W]`` float32 at the image's resolution (``maps[k]``)."""
+        return self.maps[self._index(concept)].float()
+
+    def token_map(self, concept: str) -> torch.Tensor:
+        """The map of ``concept`` on the token grid, ``[h, w]`` (``token_maps[k]``)."""
+        return self.token_maps[self._index(concept)].float()
+
+    def __contains__(self, concept: object) -> bool:
+        return isinstance(concept, str) and concept in self.concepts
+
+    def __len__(self) -> int:
+        return len(self.concepts)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.concepts))
+
+    def __repr__(self) -> str:
+        """Short: the concepts (the first few of many), image size, token grid and model; never the tensors."""
+        names = [short(c, 40) for c in self.concepts]
+        if len(names) > 8:
+            names = [*names[:6], "...", names[-1]]
+        concepts = "[" + ", ".join(names) + "]"
+        if len(self.concepts) > 8:
+            concepts += f" ({len(self.concepts)} concepts)"
+        w, h = self.image.size
+        grid = "x".join(str(n) for n in self.token_maps.shape[1:])
+        model = self.settings.get("model") if isinstance(self.settings, dict) else None
+        return f"ConceptResult(concepts={concepts}, image={w}x{h}, token_grid={grid}, model={model!r})"
+
+    def _repr_png_(self) -> bytes:
+        """The picture Jupyter shows for a result: the grid of :func:`~conceptattention.viz.concept_grid`."""
+        from ..viz import concept_grid
+
+        buffer = io.BytesIO()
+        concept_grid(self.image, self.maps.detach().float().cpu(), self.concepts).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def plot(self, concepts: str | Sequence[str] | None = None, cols: int | None = None,
+             cmap: Any = None) -> Figure:
+        """A matplotlib ``Figure``: the image, then one titled overlay per concept (all, or those named), in rows
+        of ``cols`` panels (default: up to 4 a row); ``cmap`` a matplotlib colour map (default viridis).
+
+        Each overlay shows the map over its own range (min to max), as the saved pictures do. The figure is made
+        without pyplot, so it needs no display and changes no global state; save it with ``fig.savefig(path)``.
+        Needs matplotlib: ``pip install "conceptattention[plot]"``.
+        """
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ConceptAttentionError(
+                'result.plot() needs matplotlib: pip install "conceptattention[plot]"') from None
+        from ..viz import DEFAULT_CMAP
+
+        if concepts is None:
+            chosen = list(self.concepts)
+        else:
+            chosen = [concepts] if isinstance(concepts, str) else list(concepts)
+        maps = [self[c].detach().cpu().numpy() for c in chosen]  # an unknown concept: KeyError naming them all
+        panels = 1 + len(chosen)
+        if cols is None:
+            cols = min(panels, 4)
+        if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
+            raise ConceptAttentionError(f"cols must be a whole number of at least 1, not {cols!r}")
+        cols = min(cols, panels)
+        rows = -(-panels // cols)
+        w, h = self.image.size
+        side = 3.0
+        fig = Figure(figsize=(side * cols, rows * (side * h / w + 0.4)), layout="constrained")
+        picture = np.asarray(self.image.convert("RGB"))
+        extent = (-0.5, w - 0.5, h - 0.5, -0.5)  # the map over the image, whatever its resolution
+        for i, (title, heat) in enumerate(zip(["image", *chosen], [None, *maps])):
+            ax = fig.add_subplot(rows, cols, i + 1)
+            ax.imshow(picture)
+            if heat is not None:
+                ax.imshow(heat, cmap=DEFAULT_CMAP if cmap is None else cmap, alpha=0.55, extent=extent,
+                          interpolation="bilinear")
+            ax.set_title(title)
+            ax.set_axis_off()
+        return fig
 
     def save(self, out: Path) -> dict[str, Path]:
         """Write image.png, maps.npy, maps_raw.npy, one ``<concept>.png`` overlay per concept, grid.png,
