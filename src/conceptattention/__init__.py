@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ConceptAttentionError, UnsupportedModelError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the package version (pyproject.toml reads it from here); see CHANGELOG.md
 
 # Where each public name lives; imported on first use, so `conceptattention --help` needs no torch.
 _LAZY = {

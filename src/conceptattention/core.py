@@ -264,15 +264,15 @@ class ConceptAttention:
         if self.concept_pooled == "prompt":
             self._temb = output
             return
-        args, kwargs = list(args), dict(kwargs)
+        call_args, kwargs = list(args), dict(kwargs)
         if "pooled_projection" in kwargs:
             kwargs["pooled_projection"] = torch.zeros_like(kwargs["pooled_projection"])
         else:
-            args[-1] = torch.zeros_like(args[-1])
+            call_args[-1] = torch.zeros_like(call_args[-1])
         self._in_time_embed = True
         try:
             with torch.no_grad():
-                self._temb = module(*args, **kwargs)
+                self._temb = module(*call_args, **kwargs)
         finally:
             self._in_time_embed = False
 

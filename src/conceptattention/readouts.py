@@ -22,7 +22,7 @@ Maps are the mean over the chosen layers and transformer calls of those per-laye
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Sequence
 
 import torch
 
@@ -94,13 +94,13 @@ def resolve_readouts(readouts: Iterable[str | Readout] | str | Readout) -> dict[
     return resolved
 
 
-def stream_mask(streams: list[str], num_concepts: int, num_image: int, device: torch.device) -> torch.Tensor | None:
+def stream_mask(streams: Sequence[str], num_concepts: int, num_image: int, device: torch.device) -> torch.Tensor | None:
     """Boolean attention mask ``[S*K, S*K + N]`` (True = may attend) for the stacked concept streams.
 
     Keys are ordered ``[concepts of stream 0, ..., concepts of stream S-1, image tokens]``.
     Returns None when a single ConceptAttention stream needs no mask.
     """
-    if streams == ["cross+self"]:
+    if list(streams) == ["cross+self"]:  # any sequence, not only a list
         return None
     k = num_concepts
     total = len(streams) * k

@@ -61,19 +61,23 @@ class MMDiTAdapter:
     # ----- where things are -------------------------------------------------------------------
     def double_blocks(self, transformer: nn.Module) -> Sequence[nn.Module]:
         """The double-stream blocks, in execution order."""
-        return transformer.transformer_blocks
+        blocks: Any = transformer.transformer_blocks  # an nn.ModuleList
+        return blocks
 
     def text_dim(self, transformer: nn.Module) -> int:
         """Width of the text-encoder space concept embeddings live in."""
-        return transformer.context_embedder.in_features
+        embedder: Any = transformer.context_embedder
+        return embedder.in_features
 
     def embed_concepts(self, transformer: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
         """Text-encoder space ``[B, K, text_dim]`` -> transformer width ``[B, K, D]``."""
-        return transformer.context_embedder(embeds)
+        embedder: Any = transformer.context_embedder
+        return embedder(embeds)
 
     def time_embedder(self, transformer: nn.Module) -> nn.Module:
         """Module that maps (timestep, [guidance,] pooled text) to the modulation vector ``temb``."""
-        return transformer.time_text_embed
+        embedder: Any = transformer.time_text_embed
+        return embedder
 
     def rope_module(self, transformer: nn.Module) -> nn.Module | None:
         """Module whose output is the rotary embedding of all tokens, or None (no RoPE)."""
@@ -102,7 +106,7 @@ class MMDiTAdapter:
         Converters return ``[B, N, H, Dh]``. The key is taken after the qk-norm (RoPE not yet
         applied); the value straight from its projection.
         """
-        attn = block.attn
+        attn: Any = block.attn
         heads = attn.heads
 
         def split(x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +132,7 @@ class MMDiTAdapter:
     def prompt_attention_points(self, block: nn.Module) -> dict[str, tuple[nn.Module, Callable[[Any], torch.Tensor]]]:
         """Submodules giving the image queries and the prompt keys ``[B, N|S, H, Dh]`` (after the qk-norms,
         before RoPE), for image-to-prompt attention (see ``prompt_attention.py``)."""
-        attn = block.attn
+        attn: Any = block.attn
         heads = attn.heads
 
         def split(x: torch.Tensor) -> torch.Tensor:
@@ -155,15 +159,16 @@ class MMDiTAdapter:
 
     def output_point(self, block: nn.Module) -> nn.Module:
         """Module whose *input* is the image tokens' attention output ``[B, N, H*Dh]``."""
-        return block.attn.to_out[0]
+        attn: Any = block.attn
+        return attn.to_out[0]
 
-    def text_projections(self, attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def text_projections(self, attn: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Concept tokens ``[B, K, D]`` -> q, k, v ``[B, K, H*Dh]`` with the text stream's projections."""
         if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
             return attn.to_added_qkv(x).chunk(3, dim=-1)
         return attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
 
-    def text_step(self, block: nn.Module, hidden: torch.Tensor, temb: torch.Tensor) -> TextStep:
+    def text_step(self, block: Any, hidden: torch.Tensor, temb: torch.Tensor) -> TextStep:
         """Concept hidden states ``[B, K, D]`` through the block's text-stream weights (see TextStep)."""
         attn = block.attn
         context_pre_only = bool(getattr(block, "context_pre_only", False))

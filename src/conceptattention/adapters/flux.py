@@ -21,7 +21,8 @@ class FluxAdapter(MMDiTAdapter):
     clip_fp16 = True
 
     def rope_module(self, transformer: nn.Module) -> nn.Module | None:
-        return transformer.pos_embed
+        rope: Any = transformer.pos_embed
+        return rope
 
     def image_rope(self, rope_output: Any, num_image_tokens: int, dtype: torch.dtype) -> Any:
         # Tables are [S_text + N, Dh], text ids first, each angle stored for both channels of a pair.

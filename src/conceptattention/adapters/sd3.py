@@ -25,6 +25,7 @@ class SD3Adapter(MMDiTAdapter):
         hidden_states = arguments.get("hidden_states")
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.ndim != 4:
             return CallInputs(grid=None)
-        patch = transformer.config.patch_size
+        config: Any = transformer.config  # diffusers' FrozenDict
+        patch = config.patch_size
         h, w = hidden_states.shape[-2] // patch, hidden_states.shape[-1] // patch
         return CallInputs(grid=lambda: (h, w), num_image_tokens=h * w)

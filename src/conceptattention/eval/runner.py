@@ -276,7 +276,7 @@ def _open_records(path: Path):
 
 
 def _model_settings(pipe: Any, dataset: Dataset, overrides: dict) -> dict:
-    settings = {"t": 0.5, "samples": 4 if getattr(pipe, "name", "") == "shapes" else 5, "seed": 0, "layers": None,
+    settings = {"t": pipe.default_t, "samples": pipe.default_samples, "seed": 0, "layers": None,
                 "batch": 50 if dataset.name == "shapes" else 1, **dataset.settings}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if settings["layers"] is None:

@@ -124,7 +124,7 @@ def load_image(source: Any, size: tuple[int, int]) -> torch.Tensor:
     """Any image -> ``[3, H, W]`` float in [0, 1], resized (bicubic) to ``size = (W, H)``."""
     img = open_image(source)
     if img.size != tuple(size):
-        img = img.resize(size, Image.BICUBIC)
+        img = img.resize(size, Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 

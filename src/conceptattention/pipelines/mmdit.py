@@ -111,12 +111,16 @@ class MMDiTPipeline:
 
     # ----- settings ---------------------------------------------------------------------------------
     @property
-    def transformer(self) -> torch.nn.Module:
+    def transformer(self) -> Any:  # a diffusers FluxTransformer2DModel / SD3Transformer2DModel
         return self.pipe.transformer
 
     @property
     def device(self) -> torch.device:
         return self.pipe._execution_device
+
+    #: The paper's real-image protocol: noise at t = 0.5, 5 noise draws averaged.
+    default_t: float = 0.5
+    default_samples: int = 5
 
     @property
     def default_layers(self) -> tuple[int, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,15 +35,19 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 class ShapesPipeline:
     """The shapes model behind the common ``generate`` / ``encode`` interface."""
 
-    def __init__(self, model: ShapesModel, name: str = "shapes") -> None:
+    def __init__(self, model: ShapesModel, name: str = "shapes", weights_version: str | None = None) -> None:
         self.model = model.eval()
         self.name = name
+        #: The release of the weights (``weights_version`` in their config.json), recorded in every result.
+        self.weights_version = weights_version
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu") -> "ShapesPipeline":
         """Load the shipped weights (default) or a directory written by ``train-shapes``."""
         directory = Path(path) if path is not None else WEIGHTS_DIR
-        return cls(ShapesModel.load(directory, device=device), name="shapes" if path is None else str(path))
+        model = ShapesModel.load(directory, device=device)
+        version = json.loads((directory / "config.json").read_text()).get("weights_version")
+        return cls(model, name="shapes" if path is None else str(path), weights_version=version)
 
     @property
     def device(self) -> torch.device:
@@ -58,6 +63,10 @@ class ShapesPipeline:
         return (config.default_guidance if guidance is None else guidance,
                 config.default_shift if shift is None else shift)
 
+    #: Noise level of a real-image pass, and noise draws averaged, unless told otherwise.
+    default_t: float = 0.5
+    default_samples: int = 4
+
     @property
     def default_layers(self) -> tuple[int, ...]:
         """Blocks read unless told otherwise: the model card's choice, else the core default."""
@@ -66,7 +75,8 @@ class ShapesPipeline:
 
     def _session(self, embeds: torch.Tensor, layers, readouts, calls=None) -> ConceptAttention:
         chosen = list(layers) if layers else list(self.default_layers)
-        return ConceptAttention(self.model.transformer, embeds, layers=chosen, readouts=readouts, calls=calls)
+        transformer: Any = self.model.transformer  # mypy reads diffusers' lazy export as its dummy class
+        return ConceptAttention(transformer, embeds, layers=chosen, readouts=readouts, calls=calls)
 
     @torch.no_grad()
     def generate(
@@ -96,7 +106,7 @@ class ShapesPipeline:
         with session:
             images = self.sample([prompt], [seed], steps=steps, guidance=guidance, shift=shift)
         image = to_pil(images[0])
-        settings = {"model": self.name, "mode": "generate", "prompt": prompt, "steps": steps, "guidance": guidance,
+        settings = {"model": self.name, "weights_version": self.weights_version, "mode": "generate", "prompt": prompt, "steps": steps, "guidance": guidance,
                     "shift": shift, "seed": seed, "layers": list(session.layers), "map_steps": map_steps,
                     "readout": readouts[0], "seconds": round(time.perf_counter() - began, 3)}
         return result_from_session(image, session, words, settings, batch_index=-1)
@@ -194,7 +204,8 @@ class ShapesPipeline:
         words, _ = self._concepts(concepts)
         inputs, b = self._noisy_inputs(images, captions, t, samples, seeds)
         chosen = list(layers) if layers else list(self.default_layers)
-        with PromptAttention(self.model.transformer, layers=chosen) as session:
+        transformer: Any = self.model.transformer  # mypy reads diffusers' lazy export as its dummy class
+        with PromptAttention(transformer, layers=chosen) as session:
             session.forward_until_last_layer(**inputs)
         per_token = session.maps().unflatten(0, (b, samples)).mean(1).float().cpu()  # [B, S_text, h, w]
         maps = []
@@ -228,7 +239,7 @@ class ShapesPipeline:
         maps = self.token_maps([pixels], words, [caption], readouts=with_raw(readouts), t=t, samples=samples,
                                seeds=[seed], layers=layers)
         chosen = list(layers) if layers else list(self.default_layers)
-        settings = {"model": self.name, "mode": "encode", "caption": caption, "t": t, "samples": samples,
+        settings = {"model": self.name, "weights_version": self.weights_version, "mode": "encode", "caption": caption, "t": t, "samples": samples,
                     "seed": seed, "layers": chosen, "readout": readouts[0], "input_fit": fit,
                     "seconds": round(time.perf_counter() - began, 3)}
         return result_from_maps(to_pil(pixels), {k: v[0] for k, v in maps.items()}, words, settings)
