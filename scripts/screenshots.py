@@ -1,6 +1,6 @@
 """Refresh the pictures under docs/: the web page after one prompt, and that prompt's grid.png.
 
-    python scripts/screenshots.py    (needs the app and test extras, and a Chromium binary)
+python scripts/screenshots.py    (needs the app and test extras, and a Chromium binary)
 """
 
 from __future__ import annotations
@@ -40,8 +40,21 @@ def main() -> None:
             browser.close()
     finally:
         served.close()
-    subprocess.run([sys.executable, "-m", "conceptattention", "generate", PROMPT, "-c", *CONCEPTS.split(),
-                    "-o", str(DOCS / "example"), "-q"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "conceptattention",
+            "generate",
+            PROMPT,
+            "-c",
+            *CONCEPTS.split(),
+            "-o",
+            str(DOCS / "example"),
+            "-q",
+        ],
+        check=True,
+    )
     shutil.copy(DOCS / "example" / "grid.png", DOCS / "grid.png")
     shutil.copy(DOCS / "example" / "segmentation.png", DOCS / "segmentation.png")
     shutil.rmtree(DOCS / "example")

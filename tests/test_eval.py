@@ -15,12 +15,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import concepts as concept_embeds
-from conftest import flux_inputs, hook_counts, sd3_inputs, tiny_flux, tiny_sd3
 from PIL import Image
 from reference import reference_prompt_attention
+from tiny_models import concepts as concept_embeds
+from tiny_models import flux_inputs, hook_counts, sd3_inputs, tiny_flux, tiny_sd3
 
 from conceptattention.errors import ConceptAttentionError
+from conceptattention.eval import shapes_report
 from conceptattention.eval.datasets import (
     BinaryTarget,
     ImageNetSegDataset,
@@ -42,7 +43,6 @@ from conceptattention.eval.runner import (
     summarise,
 )
 from conceptattention.prompt_attention import PromptAttention
-from conceptattention.shapes import benchmark
 
 
 # ----- metrics and scoring -------------------------------------------------------------------------------
@@ -87,8 +87,16 @@ def test_score_sample_counts_by_hand():
     label[0, 0] = -1
     truth = torch.full((4, 4), -1, dtype=torch.long)
     truth[:2, :2], truth[2:, 2:] = 0, 1
-    sample = Sample("s", None, "", ["a", "b"], [BinaryTarget(0, mask, valid)], MultiTarget(label, [0, 1], [0, 1]),
-                    PickTarget((0, 1), truth), PickTarget((1, 0), truth))
+    sample = Sample(
+        "s",
+        None,
+        "",
+        ["a", "b"],
+        [BinaryTarget(0, mask, valid)],
+        MultiTarget(label, [0, 1], [0, 1]),
+        PickTarget((0, 1), truth),
+        PickTarget((1, 0), truth),
+    )
     r = score_sample(maps, sample, {"blur": 0.0, "upsample": "nearest"}, num_classes=2)
     # concept 0 map: min-max -> [1, .111; .222, 0], mean .333: only the top-left quadrant is on = the mask
     assert r["binary"]["correct"] == 15 and r["binary"]["labelled"] == 15 and r["binary"]["void"] == 1
@@ -169,7 +177,10 @@ def test_prompt_attention_early_stop_and_one_session_at_a_time(flux):
     with torch.no_grad(), PromptAttention(flux, layers=[1]) as early:
         early.forward_until_last_layer(**inputs)
     assert torch.equal(full.maps(), early.maps())
-    with ConceptAttention(flux, concept_embeds(2)), pytest.raises(ConceptAttentionError, match="another session is attached"):
+    with (
+        ConceptAttention(flux, concept_embeds(2)),
+        pytest.raises(ConceptAttentionError, match="another session is attached"),
+    ):
         PromptAttention(flux, layers=[1]).__enter__()
 
 
@@ -299,12 +310,29 @@ def test_voc_errors(tmp_path):
 
 # ----- the runner ------------------------------------------------------------------------------------------------
 def run_cli(args, env=None, **kwargs):
-    return subprocess.run([sys.executable, "-m", "conceptattention", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "conceptattention", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kwargs,
+    )
 
 
-EVAL_ARGS = ["eval", "--dataset", "shapes", "--images", "24", "--batch", "2", "--samples", "1",
-             "--method", "concept_attention,cross_attention,daam", "--quiet"]
+EVAL_ARGS = [
+    "eval",
+    "--dataset",
+    "shapes",
+    "--images",
+    "24",
+    "--batch",
+    "2",
+    "--samples",
+    "1",
+    "--method",
+    "concept_attention,cross_attention,daam",
+    "--quiet",
+]
 
 
 def test_eval_killed_and_resumed_gives_identical_numbers(tmp_path):
@@ -313,8 +341,11 @@ def test_eval_killed_and_resumed_gives_identical_numbers(tmp_path):
     assert r.returncode == 0, r.stderr
     expected = json.loads((whole / "results.json").read_text())
 
-    proc = subprocess.Popen([sys.executable, "-m", "conceptattention", *EVAL_ARGS, "--out", str(cut)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conceptattention", *EVAL_ARGS, "--out", str(cut)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     records = cut / "records-0.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -388,16 +419,38 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
     single = {"OMP_NUM_THREADS": "1"}
     r = run_cli([*EVAL_ARGS, "--out", str(one)], env=single)
     assert r.returncode == 0, r.stderr
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), "-m", "conceptattention", *EVAL_ARGS, "--out", str(two)]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "conceptattention",
+        *EVAL_ARGS,
+        "--out",
+        str(two),
+    ]
     r = subprocess.run(launch, capture_output=True, text=True, timeout=600, env={**os.environ, **single})
     assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [json.loads(line)["chunk"] % 2 for p in ("records-0.jsonl", "records-1.jsonl")
-             for line in (two / p).read_text().splitlines()]
+    ranks = [
+        json.loads(line)["chunk"] % 2
+        for p in ("records-0.jsonl", "records-1.jsonl")
+        for line in (two / p).read_text().splitlines()
+    ]
     assert sorted(set(ranks)) == [0, 1]  # both processes did work
-    assert sorted(set(json.loads(line)["chunk"] for line in (two / "records-1.jsonl").read_text().splitlines())) \
-        == list(range(1, 12, 2))
+    assert sorted(
+        set(json.loads(line)["chunk"] for line in (two / "records-1.jsonl").read_text().splitlines())
+    ) == list(range(1, 12, 2))
     a, b = (json.loads((d / "results.json").read_text()) for d in (one, two))
     assert a["methods"] == b["methods"]
 
@@ -412,8 +465,12 @@ def test_per_concept_scores_by_hand():
     right[:, 2:] = True
     left = ~right
     settings = {"blur": 0.0, "upsample": "nearest"}
-    one = score_sample(maps, Sample("1", None, "", ["a", "b"], [BinaryTarget(0, top_left), BinaryTarget(1, right)]),
-                       settings, num_classes=2)
+    one = score_sample(
+        maps,
+        Sample("1", None, "", ["a", "b"], [BinaryTarget(0, top_left), BinaryTarget(1, right)]),
+        settings,
+        num_classes=2,
+    )
     # image 2 scores "a" against the left half: the map finds 4 of its 8 pixels
     two = score_sample(maps, Sample("2", None, "", ["a", "b"], [BinaryTarget(0, left)]), settings, num_classes=2)
     per = one["binary"]["by_concept"]
@@ -451,33 +508,6 @@ def test_per_concept_scores_by_hand():
     assert mixed["miou"] == pytest.approx(pooled.result()["miou"])
 
 
-def test_layer_choice_weighs_both_picks_not_miou_alone(monkeypatch):
-    """The release's layer choice: best mean of mIoU, shape pick and colour pick on the validation seed."""
-    measured = {  # per candidate: (mIoU, shape pick, colour pick) as map_quality would report them
-        (5,): (0.50, 0.52, 0.60),  # best mIoU, but its colour pick collapses: mean 0.540
-        (0, 1): (0.46, 0.55, 0.98),  # mean 0.663
-        (3,): (0.40, 0.50, 0.99),  # mean 0.630
-    }
-    seen = []
-
-    def fake_map_quality(pipe, n, seed, *, readouts, layers, progress):
-        seen.append((tuple(layers), seed, n, tuple(readouts)))
-        miou, shape, colour = measured[tuple(layers)]
-        return {"readouts": {"concept_attention": {"miou": miou, "shape_pick": shape, "color_pick": colour}}}
-
-    monkeypatch.setattr(benchmark, "map_quality", fake_map_quality)
-    chosen, scores = benchmark.choose_layers(None, [[5], [0, 1], [3]], n=7, progress=False)
-    assert chosen == [0, 1]
-    assert scores["0,1"]["score"] == pytest.approx((0.46 + 0.55 + 0.98) / 3)
-    assert scores["5"]["miou"] == 0.50 and scores["5"]["color_pick"] == 0.60
-    assert seen == [((5,), benchmark.VALIDATION_SEED, 7, ("concept_attention",)), ((0, 1), benchmark.VALIDATION_SEED, 7,
-                    ("concept_attention",)), ((3,), benchmark.VALIDATION_SEED, 7, ("concept_attention",))]
-    # a pick that could not be measured (no two-object image of that kind) is left out of the mean
-    assert benchmark.layer_choice_score({"miou": 0.4, "shape_pick": float("nan"), "color_pick": 0.8}) == pytest.approx(0.6)
-    with pytest.raises(ValueError, match="at least one candidate"):
-        benchmark.choose_layers(None, [], progress=False)
-
-
 def test_shapes_eval_in_memory_matches_scorer_ground_truth():
     """An oracle method that returns the true masks must score 100%."""
     ds = load_dataset("shapes", images=20)
@@ -502,15 +532,16 @@ def test_shapes_eval_in_memory_matches_scorer_ground_truth():
     class NoModel:
         name = "none"
         default_layers = (0,)
+        default_t, default_samples = 0.5, 4  # the noise defaults a pipeline states (as ShapesPipeline's)
 
     try:
         r = evaluate(NoModel(), ds, ["oracle_test_method"], None, progress=False, batch=4)
-        report = benchmark.map_quality(NoModel(), len(ds), ds.seed, readouts=["oracle_test_method"], progress=False)
+        report = shapes_report.map_quality(NoModel(), len(ds), ds.seed, readouts=["oracle_test_method"], progress=False)
     finally:
         METHODS.pop("oracle_test_method")
     kinds = report["readouts"]["oracle_test_method"]["by_kind"]
     assert set(kinds) == {"shape", "colour", "scene", "background"} and all(k["miou"] == 1.0 for k in kinds.values())
-    assert "| oracle_test_method | 100.0 | 100.0 | 100.0 | 100.0 |" in benchmark.markdown_table(report)
+    assert "| oracle_test_method | 100.0 | 100.0 | 100.0 | 100.0 |" in shapes_report.markdown_table(report)
     res = r["methods"]["oracle_test_method"]
     assert res["binary"]["pixel_accuracy"] == 1.0 and res["binary"]["miou"] == 1.0 and res["binary"]["map"] == 1.0
     assert res["multi"]["pixel_accuracy"] > 0.99
@@ -531,9 +562,28 @@ def test_eval_cli_on_real_format_files_with_a_flux_pipeline(tmp_path):
     cmap = tmp_path / "classes.json"
     cmap.write_text(json.dumps({"n02085620": "dog", "strawberry": "cat"}))
     out = tmp_path / "imnet"
-    r = run_cli(["eval", "--dataset", "imagenet-seg", "--data", str(path), "--class-map", str(cmap), "--model",
-                 str(model_dir), "--size", "32x32", "--samples", "2", "--method", "concept_attention,daam",
-                 "--out", str(out), "--quiet"])
+    r = run_cli(
+        [
+            "eval",
+            "--dataset",
+            "imagenet-seg",
+            "--data",
+            str(path),
+            "--class-map",
+            str(cmap),
+            "--model",
+            str(model_dir),
+            "--size",
+            "32x32",
+            "--samples",
+            "2",
+            "--method",
+            "concept_attention,daam",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["settings"]["blur"] == 1.0 and res["settings"]["upsample"] == "nearest"
@@ -545,8 +595,26 @@ def test_eval_cli_on_real_format_files_with_a_flux_pipeline(tmp_path):
 
     root, _ = tiny_voc(tmp_path)
     out = tmp_path / "voc"
-    r = run_cli(["eval", "--dataset", "voc-multi", "--data", str(root), "--model", str(model_dir), "--size", "32x32",
-                 "--samples", "1", "--method", "concept_attention", "--out", str(out), "--quiet"])
+    r = run_cli(
+        [
+            "eval",
+            "--dataset",
+            "voc-multi",
+            "--data",
+            str(root),
+            "--model",
+            str(model_dir),
+            "--size",
+            "32x32",
+            "--samples",
+            "1",
+            "--method",
+            "concept_attention",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     multi = json.loads((out / "results.json").read_text())["methods"]["concept_attention"]["multi"]
     assert 0 <= multi["pixel_accuracy"] <= 1 and multi["void_pixels"] > 0

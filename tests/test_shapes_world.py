@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conceptattention.shapes import scorer, world
-from conceptattention.shapes.train import data_seed
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,9 @@ def test_counts_sizes_and_placement(scenes):
                 assert not masks[i, slot].any()
                 continue
             rad, kind = float(s.radius[i, slot]), world.SHAPES[int(s.shape[i, slot])]
-            expected = {"circle": math.pi * rad**2, "square": (1.7 * rad) ** 2, "triangle": 0.5 * 2 * rad * 1.8 * rad}[kind]
+            expected = {"circle": math.pi * rad**2, "square": (1.7 * rad) ** 2, "triangle": 0.5 * 2 * rad * 1.8 * rad}[
+                kind
+            ]
             area = masks[i, slot].sum().item()
             assert abs(area - expected) <= 0.08 * expected + 8, (kind, area, expected)
 
@@ -144,24 +145,6 @@ def test_scorer_catches_wrong_shapes_and_colours():
         assert scorer.score(images[i], [(other_color, shape)]).colors_right == 0
 
 
-
-def test_training_batches_mix_in_the_multi_object_share_deterministically():
-    from conceptattention.shapes.train import TrainConfig, training_scenes
-
-    plain = TrainConfig(batch=40, seed=3)
-    assert torch.equal(training_scenes(plain, 5).present, world.sample_scenes(40, data_seed(3, 5)).present)
-    mixed = TrainConfig(batch=40, seed=3, multi_object_rate=0.5)
-    a, b = training_scenes(mixed, 5), training_scenes(mixed, 5)
-    assert len(a) == 40 and torch.equal(a.center, b.center)
-    assert torch.equal(a.present[:20], world.sample_scenes(20, data_seed(3, 5)).present)  # the world's mix first
-    assert (a.present[:20].sum(1) == 1).float().mean() > 0.4  # the world's own mix: mostly single objects
-    assert (a.present[20:].sum(1) >= 2).all()
-    assert not torch.equal(a.shape[20:], a.shape[:20])  # a second seed: the parts do not repeat each other
-    # each multi-object scene is one the world draws (rendered labels agree with its object list)
-    _, labels = world.render(a.select(torch.arange(20, 40)))
-    assert all(len(set(labels[i].unique().tolist()) - {0}) >= 2 for i in range(20))
-
-
 def test_scorer_says_why_each_wrong_shape_failed():
     D = scorer.Detected
     red_circle, blue_square = ("red", "circle"), ("blue", "square")
@@ -169,12 +152,16 @@ def test_scorer_says_why_each_wrong_shape_failed():
     found = [D("red", "square", 300), D("blue", "circle", 200)]
     assert scorer.shape_errors(found, [red_circle, blue_square]) == ["borrowed", "borrowed"]
     # one object right, the other drawn as a shape nobody asked for, a blob, or not at all
-    assert scorer.shape_errors([D("red", "circle", 300), D("blue", "triangle", 200)], [red_circle, blue_square]) == ["other_shape"]
+    assert scorer.shape_errors([D("red", "circle", 300), D("blue", "triangle", 200)], [red_circle, blue_square]) == [
+        "other_shape"
+    ]
     assert scorer.shape_errors([D("red", "circle", 300), D("blue", "blob", 200)], [red_circle, blue_square]) == ["blob"]
     assert scorer.shape_errors([D("red", "circle", 300)], [red_circle, blue_square]) == ["missing"]
     # two red objects asked for: the right one is taken first, the spare region explains the other
-    assert scorer.shape_errors([D("red", "circle", 300), D("red", "circle", 250), D("blue", "square", 200)],
-                               [red_circle, ("red", "square"), blue_square]) == ["borrowed"]
+    assert scorer.shape_errors(
+        [D("red", "circle", 300), D("red", "circle", 250), D("blue", "square", 200)],
+        [red_circle, ("red", "square"), blue_square],
+    ) == ["borrowed"]
     assert scorer.shape_errors(found[::-1], [("red", "square"), ("blue", "circle")]) == []
 
 
@@ -186,9 +173,13 @@ def test_unbound_baseline_is_the_mean_over_every_order_of_the_shapes():
         orders = list(itertools.permutations(shapes))
         return sum(sum(a == b for a, b in zip(order, shapes)) for order in orders) / len(orders)
 
-    cases = [[("red", "circle")], [("red", "circle"), ("blue", "square")], [("red", "circle"), ("blue", "circle")],
-             [("red", "circle"), ("blue", "square"), ("green", "circle")],
-             [("red", "circle"), ("blue", "square"), ("green", "triangle")]]
+    cases = [
+        [("red", "circle")],
+        [("red", "circle"), ("blue", "square")],
+        [("red", "circle"), ("blue", "circle")],
+        [("red", "circle"), ("blue", "square"), ("green", "circle")],
+        [("red", "circle"), ("blue", "square"), ("green", "triangle")],
+    ]
     for wanted in cases:
         assert scorer.unbound_shapes_right(wanted) == pytest.approx(by_enumeration(wanted))
     assert scorer.unbound_shapes_right(cases[1]) == 1.0  # two different shapes: one of two right
@@ -239,8 +230,10 @@ def test_scorer_calls_regions_of_no_shape_blobs():
 
     not_shapes = {
         "bar": region(lambda x, y: (x >= 10) & (x < 54) & (y >= 30) & (y < 36)),
-        "ring": region(lambda x, y: ((x - 32) ** 2 + (y - 32) ** 2 <= 15 ** 2) & ((x - 32) ** 2 + (y - 32) ** 2 > 9 ** 2)),
-        "L": region(lambda x, y: ((x >= 10) & (x < 18) & (y >= 10) & (y < 50)) | ((x >= 10) & (x < 50) & (y >= 42) & (y < 50))),
+        "ring": region(lambda x, y: ((x - 32) ** 2 + (y - 32) ** 2 <= 15**2) & ((x - 32) ** 2 + (y - 32) ** 2 > 9**2)),
+        "L": region(
+            lambda x, y: ((x >= 10) & (x < 18) & (y >= 10) & (y < 50)) | ((x >= 10) & (x < 50) & (y >= 42) & (y < 50))
+        ),
         "down triangle": region(lambda x, y: (y >= 14) & (y <= 50) & ((x - 32).abs() <= (50 - y) / 1.8)),
     }
     for name, mask in not_shapes.items():
@@ -250,3 +243,12 @@ def test_scorer_calls_regions_of_no_shape_blobs():
     for i, mask in enumerate(world.object_masks(s)[:, 0]):
         fits = scorer.fits(mask)
         assert fits[world.SHAPES[int(s.shape[i, 0])]] > 0.95
+
+
+def test_the_data_split_seeds_are_the_worlds():
+    """The held-out and validation seeds belong to the world (the eval and the lab import them from here)."""
+    assert (world.HELDOUT_SEED, world.VALIDATION_SEED) == (20_250_204, 31_337)
+    from conceptattention.eval.datasets import ShapesDataset
+
+    ds = ShapesDataset(2)
+    assert ds.seed == world.HELDOUT_SEED and ds.concepts == list(world.CONCEPTS)

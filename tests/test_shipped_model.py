@@ -26,8 +26,20 @@ def test_shipped_weights_are_small_and_documented():
 
 def test_main_job_generate_writes_every_file(tmp_path):
     out = tmp_path / "demo"
-    r = CliRunner().invoke(app, ["generate", "a red circle and a blue square on grass", "--concepts", "circle",
-                                 "square", "grass", "--out", str(out), "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "a red circle and a blue square on grass",
+            "--concepts",
+            "circle",
+            "square",
+            "grass",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     image = Image.open(out / "image.png")
     assert image.size == (64, 64) and image.mode == "RGB"
@@ -63,8 +75,23 @@ def test_main_job_encode_and_clear_errors(tmp_path):
     path = tmp_path / "scene.png"
     Image.fromarray((images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
     runner = CliRunner()
-    r = runner.invoke(app, ["encode", str(path), "--concepts", "circle", "square", "triangle", "background",
-                            "--caption", world.captions(scenes)[0], "--out", str(tmp_path / "enc"), "--quiet"])
+    r = runner.invoke(
+        app,
+        [
+            "encode",
+            str(path),
+            "--concepts",
+            "circle",
+            "square",
+            "triangle",
+            "background",
+            "--caption",
+            world.captions(scenes)[0],
+            "--out",
+            str(tmp_path / "enc"),
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "enc" / "maps.npy").shape == (4, 64, 64)
     r = runner.invoke(app, ["generate", "a red circle", "--concepts", "circle", "--height", "128"])

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,8 +30,29 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 #: The paper's concepts besides the class name on ImageNet-Segmentation.
 IMAGENET_EXTRA_CONCEPTS = ("background", "floor", "tree", "person", "grass", "face")
 #: PascalVOC class names as one-word concepts (index = VOC class id; 0 is background).
-VOC_CLASSES = ("background", "plane", "bike", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "table",
-               "dog", "horse", "motorcycle", "person", "pot", "sheep", "sofa", "train", "monitor")
+VOC_CLASSES = (
+    "background",
+    "plane",
+    "bike",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "table",
+    "dog",
+    "horse",
+    "motorcycle",
+    "person",
+    "pot",
+    "sheep",
+    "sofa",
+    "train",
+    "monitor",
+)
 #: Concepts whose maps count as "background" in the multi-class argmax.
 VOC_BACKGROUND_CONCEPTS = ("background", "floor", "tree", "grass", "sky")
 VOID = 255
@@ -111,13 +133,11 @@ class ShapesDataset(Dataset):
 
     def __init__(self, n: int = 500, seed: int | None = None) -> None:
         from ..shapes import world
-        from ..shapes.benchmark import CONCEPTS
-        from ..shapes.train import HELDOUT_SEED
 
         if n < 1:
             raise ConceptAttentionError("the shapes benchmark needs at least one image")
-        self.seed = HELDOUT_SEED if seed is None else seed
-        self.n, self.concepts = n, list(CONCEPTS)
+        self.seed = world.HELDOUT_SEED if seed is None else seed
+        self.n, self.concepts = n, list(world.CONCEPTS)
         self.scenes = world.sample_scenes(n, self.seed)
         self.images, self.labels = world.render(self.scenes)
         self.captions = world.captions(self.scenes)
@@ -152,8 +172,16 @@ class ShapesDataset(Dataset):
             for k, part in ((0, 1), (1, 0)):  # objects are (colour, shape)
                 if objects[0][part] != objects[1][part]:
                     picks[k] = PickTarget((concepts.index(objects[0][part]), concepts.index(objects[1][part])), truth)
-        return Sample(f"shapes-{self.seed}-{index}", self.images[index], caption, list(concepts), binary,
-                      MultiTarget(label, candidates, classes), pick=picks[0], color_pick=picks[1])
+        return Sample(
+            f"shapes-{self.seed}-{index}",
+            self.images[index],
+            caption,
+            list(concepts),
+            binary,
+            MultiTarget(label, candidates, classes),
+            pick=picks[0],
+            color_pick=picks[1],
+        )
 
 
 # ----- ImageNet-Segmentation ----------------------------------------------------------------------------
@@ -232,8 +260,9 @@ class ImageNetSegDataset(Dataset):
             self._img, self._gt, self._id = value["img"], value["gt"], value["id"]
             self.n = int(self._img.shape[0])
         except (OSError, KeyError) as e:
-            raise ConceptAttentionError(f"{self.path} is not a readable ImageNet-Segmentation file ({e}). "
-                                        f"{IMAGENET_LAYOUT}") from None
+            raise ConceptAttentionError(
+                f"{self.path} is not a readable ImageNet-Segmentation file ({e}). {IMAGENET_LAYOUT}"
+            ) from None
         if not (self._gt.shape[0] == self._id.shape[0] == self.n):
             raise ConceptAttentionError(f"{self.path}: /value/img, /value/gt and /value/id differ in length")
 
@@ -241,8 +270,12 @@ class ImageNetSegDataset(Dataset):
         return self.n
 
     def describe(self) -> dict[str, Any]:
-        return {"dataset": self.name, "images": self.n, "file": str(self.path),
-                "class_map": "given" if self.class_map else "WordNet lemmas"}
+        return {
+            "dataset": self.name,
+            "images": self.n,
+            "file": str(self.path),
+            "class_map": "given" if self.class_map else "WordNet lemmas",
+        }
 
     def image_id(self, index: int) -> str:
         chars = np.asarray(self._file[self._id[index, 0]]).flatten()
@@ -337,7 +370,9 @@ class VOCDataset(Dataset):
             return Sample(image_id, image, caption, concepts, [BinaryTarget(0, label == classes[0], valid)])
         concepts = list(VOC_BACKGROUND_CONCEPTS) + [n for n in names if n not in VOC_BACKGROUND_CONCEPTS]
         candidates = list(range(len(concepts)))
-        ids = [0] * len(VOC_BACKGROUND_CONCEPTS) + [VOC_CLASSES.index(c) for c in concepts[len(VOC_BACKGROUND_CONCEPTS):]]
+        ids = [0] * len(VOC_BACKGROUND_CONCEPTS) + [
+            VOC_CLASSES.index(c) for c in concepts[len(VOC_BACKGROUND_CONCEPTS) :]
+        ]
         target = torch.where(valid, label, torch.full_like(label, -1))
         return Sample(image_id, image, caption, concepts, multi=MultiTarget(target, candidates, ids))
 
@@ -345,8 +380,9 @@ class VOCDataset(Dataset):
 DATASETS: tuple[str, ...] = ("shapes", "imagenet-seg", "voc-single", "voc-multi")
 
 
-def load_dataset(name: str, path: str | Path | None = None, *, images: int = 500,
-                 class_map: str | Path | None = None) -> Dataset:
+def load_dataset(
+    name: str, path: str | Path | None = None, *, images: int = 500, class_map: str | Path | None = None
+) -> Dataset:
     """A dataset by name; real datasets read ``path`` (the file or folder the error messages describe)."""
     if name == "shapes":
         return ShapesDataset(images)

@@ -47,7 +47,7 @@ _READOUT_DESCRIPTIONS = {
     "value": "value space: image value x concept value, softmax over concepts",
     "value_no_softmax": "value space without the softmax over concepts",
     "concept_attention_linear_norm": "ConceptAttention with the authors' linear normalisation of concept "
-                                     "vectors (their benchmark scripts)",
+    "vectors (their benchmark scripts)",
 }
 
 for _name in READOUTS:
@@ -66,8 +66,11 @@ def register_method(name: str, description: str = "") -> Callable:
     return add
 
 
-@register_method("daam", "DAAM-style: attention of image queries to the caption's own tokens, "
-                         "softmax over caption tokens, summed over each concept word's tokens")
+@register_method(
+    "daam",
+    "DAAM-style: attention of image queries to the caption's own tokens, "
+    "softmax over caption tokens, summed over each concept word's tokens",
+)
 def daam(pipe: Any, images: list, concepts: list[str], captions: list[str], settings: dict) -> torch.Tensor:
     """Concepts absent from the caption get an all-zero map (DAAM sees only the prompt's words)."""
     return pipe.prompt_maps(images, concepts, captions, **settings)
@@ -79,18 +82,20 @@ def resolve_methods(names: str | list[str]) -> list[Method]:
         names = [names]
     expanded: list[str] = []
     for n in (part.strip() for item in names for part in item.split(",") if part.strip()):
-        for item in (list(METHODS) if n == "all" else [n]):
+        for item in list(METHODS) if n == "all" else [n]:
             if item not in expanded:
                 expanded.append(item)
     unknown = [n for n in expanded if n not in METHODS]
     if unknown or not expanded:
         raise ConceptAttentionError(
-            f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from all, {', '.join(METHODS)}")
+            f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from all, {', '.join(METHODS)}"
+        )
     return [METHODS[n] for n in expanded]
 
 
-def run_methods(pipe: Any, methods: list[Method], images: list, concepts: list[str], captions: list[str],
-                settings: dict) -> dict[str, torch.Tensor]:
+def run_methods(
+    pipe: Any, methods: list[Method], images: list, concepts: list[str], captions: list[str], settings: dict
+) -> dict[str, torch.Tensor]:
     """Maps of every method for a batch sharing one concept list: ``{method: [B, K, h, w]}``."""
     out: dict[str, torch.Tensor] = {}
     readouts = [m.readout for m in methods if m.readout is not None]

@@ -53,8 +53,13 @@ class BinarySegmentation:
     union: list[float] = field(default_factory=lambda: [0.0, 0.0])
     ap: list[float] = field(default_factory=list)
 
-    def add(self, prediction: torch.Tensor, target: torch.Tensor, scores: torch.Tensor | None = None,
-            valid: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        scores: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> None:
         """One image: binary prediction and target (same shape); ``valid`` masks out void pixels."""
         p, t = prediction.bool(), target.bool()
         if valid is None:
@@ -70,10 +75,14 @@ class BinarySegmentation:
             if ap == ap:  # not NaN
                 self.ap.append(ap)
 
-    def merge(self, other: "BinarySegmentation") -> "BinarySegmentation":
-        out = BinarySegmentation(self.correct + other.correct, self.labelled + other.labelled,
-                                 [a + b for a, b in zip(self.inter, other.inter)],
-                                 [a + b for a, b in zip(self.union, other.union)], self.ap + other.ap)
+    def merge(self, other: BinarySegmentation) -> BinarySegmentation:
+        out = BinarySegmentation(
+            self.correct + other.correct,
+            self.labelled + other.labelled,
+            [a + b for a, b in zip(self.inter, other.inter)],
+            [a + b for a, b in zip(self.union, other.union)],
+            self.ap + other.ap,
+        )
         return out
 
     def result(self) -> dict[str, float]:
@@ -118,10 +127,14 @@ class MultiClassSegmentation:
             self.inter[c] += int(inter[c])
             self.union[c] += int(area_p[c] + area_t[c] - inter[c])
 
-    def merge(self, other: "MultiClassSegmentation") -> "MultiClassSegmentation":
-        return MultiClassSegmentation(self.num_classes, self.correct + other.correct, self.labelled + other.labelled,
-                                      [a + b for a, b in zip(self.inter, other.inter)],
-                                      [a + b for a, b in zip(self.union, other.union)])
+    def merge(self, other: MultiClassSegmentation) -> MultiClassSegmentation:
+        return MultiClassSegmentation(
+            self.num_classes,
+            self.correct + other.correct,
+            self.labelled + other.labelled,
+            [a + b for a, b in zip(self.inter, other.inter)],
+            [a + b for a, b in zip(self.union, other.union)],
+        )
 
     def result(self, class_names: list[str] | None = None) -> dict:
         ious = {c: i / u for c, (i, u) in enumerate(zip(self.inter, self.union)) if u}

@@ -36,8 +36,11 @@ RUN_FILE, RESULTS_FILE, TABLE_FILE = "run.json", "results.json", "results.md"
 
 def distributed_rank() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment; (0, 1) when run alone."""
-    for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
-                               ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")):
+    for rank_var, size_var in (
+        ("RANK", "WORLD_SIZE"),
+        ("PMI_RANK", "PMI_SIZE"),
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ):
         if rank_var in os.environ and size_var in os.environ:
             rank, world = int(os.environ[rank_var]), int(os.environ[size_var])
             if not 0 <= rank < world:
@@ -77,8 +80,9 @@ def score_sample(token_maps: torch.Tensor, sample: Sample, settings: dict, num_c
     """One image's record for one method: sums that add up exactly over a dataset."""
     maps = gaussian_blur(token_maps.float(), settings["blur"])
     mode = settings["upsample"]
-    up = F.interpolate(maps[None], size=_target_size(sample), mode=mode,
-                       **({"align_corners": False} if mode == "bilinear" else {}))[0]
+    up = F.interpolate(
+        maps[None], size=_target_size(sample), mode=mode, **({"align_corners": False} if mode == "bilinear" else {})
+    )[0]
     record: dict[str, Any] = {}
     if sample.binary:
         by_concept: dict[str, BinarySegmentation] = {}
@@ -98,8 +102,13 @@ def score_sample(token_maps: torch.Tensor, sample: Sample, settings: dict, num_c
         prediction = torch.tensor(m.classes, dtype=torch.long)[winner]
         seg = MultiClassSegmentation(num_classes)
         seg.add(prediction, m.label)
-        record["multi"] = {"correct": seg.correct, "labelled": seg.labelled, "inter": seg.inter,
-                           "union": seg.union, "void": int((m.label < 0).sum())}
+        record["multi"] = {
+            "correct": seg.correct,
+            "labelled": seg.labelled,
+            "inter": seg.inter,
+            "union": seg.union,
+            "void": int((m.label < 0).sum()),
+        }
     for key, pick in (("pick", sample.pick), ("color_pick", sample.color_pick)):
         if pick is not None:
             a, b = pick.concepts
@@ -117,8 +126,9 @@ def _sums(seg: BinarySegmentation) -> dict:
 
 
 def _segmentation(sums: dict) -> BinarySegmentation:
-    return BinarySegmentation(sums["correct"], sums["labelled"], list(sums["inter"]), list(sums["union"]),
-                              list(sums["ap"]))
+    return BinarySegmentation(
+        sums["correct"], sums["labelled"], list(sums["inter"]), list(sums["union"]), list(sums["ap"])
+    )
 
 
 def concept_result(seg: BinarySegmentation) -> dict:
@@ -170,8 +180,9 @@ def summarise(records: list[dict], methods: Sequence[str], class_names: Sequence
                         by_concept[word] = by_concept.get(word, BinarySegmentation()).merge(_segmentation(sums))
             if "multi" in r:
                 m, has_multi = r["multi"], True
-                multi = multi.merge(MultiClassSegmentation(multi.num_classes, m["correct"], m["labelled"],
-                                                           m["inter"], m["union"]))
+                multi = multi.merge(
+                    MultiClassSegmentation(multi.num_classes, m["correct"], m["labelled"], m["inter"], m["union"])
+                )
                 void_multi += m["void"]
             for key, total in picks.items():
                 if key in r:
@@ -195,16 +206,23 @@ def summarise(records: list[dict], methods: Sequence[str], class_names: Sequence
 def markdown_table(results: dict) -> str:
     """The results as a Markdown table, preceded by every setting used."""
     s = results["settings"]
-    lines = [f"Dataset **{results['dataset']['dataset']}**, {results['images']} images, model `{results['model']}`.", "",
-             "Settings: " + ", ".join(f"{k} = {v}" for k, v in s.items()) + ".", ""]
+    lines = [
+        f"Dataset **{results['dataset']['dataset']}**, {results['images']} images, model `{results['model']}`.",
+        "",
+        "Settings: " + ", ".join(f"{k} = {v}" for k, v in s.items()) + ".",
+        "",
+    ]
     first = next(iter(results["methods"].values()), {})
     head = ["method"]
     if "binary" in first:
         head += ["pixel acc", "mIoU", "paper-compatible mIoU", "mAP"]
     if "multi" in first:
         head += ["multi-class acc", "multi-class mIoU"]
-    picks = [(key, title) for key, title in (("pick", "shape pick (2 objects)"), ("color_pick", "colour pick (2 objects)"))
-             if key in first]
+    picks = [
+        (key, title)
+        for key, title in (("pick", "shape pick (2 objects)"), ("color_pick", "colour pick (2 objects)"))
+        if key in first
+    ]
     head += [title for _, title in picks]
     rule = ["---"] * len(head)
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
@@ -221,10 +239,13 @@ def markdown_table(results: dict) -> str:
             row += [pct(r["multi"]["pixel_accuracy"]), pct(r["multi"]["miou"])]
         row += [pct(r[key]["accuracy"]) if key in r else "n/a" for key, _ in picks]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Binary columns: the map of each scored concept, min-max normalised and thresholded at its mean, "
-              "against the concept's mask; sums over the dataset (mIoU over foreground and background). "
-              "Paper-compatible mIoU = acc / (2 - acc), what the authors' ImageNet script reports. "
-              "mAP: per-target average precision, averaged."]
+    lines += [
+        "",
+        "Binary columns: the map of each scored concept, min-max normalised and thresholded at its mean, "
+        "against the concept's mask; sums over the dataset (mIoU over foreground and background). "
+        "Paper-compatible mIoU = acc / (2 - acc), what the authors' ImageNet script reports. "
+        "mAP: per-target average precision, averaged.",
+    ]
     lines += per_concept_table(results["methods"])
     return "\n".join(lines) + "\n"
 
@@ -237,8 +258,13 @@ def per_concept_table(methods: dict) -> list[str]:
     words = sorted({w for r in methods.values() for w in r.get("binary", {}).get("by_concept", {})})
     if not words or len(words) > PER_CONCEPT_COLUMNS:
         return []
-    lines = ["", "mIoU of each concept's own maps (fg/bg, sums over the images where it is scored):", "",
-             "| method | " + " | ".join(words) + " |", "|---|" + "---|" * len(words)]
+    lines = [
+        "",
+        "mIoU of each concept's own maps (fg/bg, sums over the images where it is scored):",
+        "",
+        "| method | " + " | ".join(words) + " |",
+        "|---|" + "---|" * len(words),
+    ]
     for name, r in methods.items():
         per = r.get("binary", {}).get("by_concept", {})
         cells = [f"{100 * per[w]['miou']:.1f}" if w in per else "n/a" for w in words]
@@ -276,8 +302,14 @@ def _open_records(path: Path):
 
 
 def _model_settings(pipe: Any, dataset: Dataset, overrides: dict) -> dict:
-    settings = {"t": pipe.default_t, "samples": pipe.default_samples, "seed": 0, "layers": None,
-                "batch": 50 if dataset.name == "shapes" else 1, **dataset.settings}
+    settings = {
+        "t": pipe.default_t,
+        "samples": pipe.default_samples,
+        "seed": 0,
+        "layers": None,
+        "batch": 50 if dataset.name == "shapes" else 1,
+        **dataset.settings,
+    }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if settings["layers"] is None:
         settings["layers"] = list(pipe.default_layers)
@@ -317,8 +349,14 @@ def evaluate(
         raise ConceptAttentionError("no images to evaluate (check --limit and the dataset)")
     batch = int(settings["batch"])
     chunks = [indices[i : i + batch] for i in range(0, len(indices), batch)]
-    header = {"version": __version__, "model": getattr(pipe, "name", type(pipe).__name__),
-              "dataset": dataset.describe(), "images": len(indices), "methods": names, "settings": settings}
+    header = {
+        "version": __version__,
+        "model": getattr(pipe, "name", type(pipe).__name__),
+        "dataset": dataset.describe(),
+        "images": len(indices),
+        "methods": names,
+        "settings": settings,
+    }
     header = json.loads(json.dumps(header))  # as it reads back from run.json
 
     done: dict[int, list[dict]] = {}
@@ -332,7 +370,8 @@ def evaluate(
             if previous != header:
                 raise ConceptAttentionError(
                     f"{out} holds a run with other settings ({run_file}); resume it with the same command, "
-                    "or pass a new --out")
+                    "or pass a new --out"
+                )
         elif rank == 0:
             run_file.write_text(json.dumps(header, indent=2))
         done = _read_records(out)
@@ -344,8 +383,12 @@ def evaluate(
         if settings.get(key) is not None:
             call_settings[key] = settings[key]
     class_names = list(dataset.class_names)
-    bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"eval {dataset.name}" + (f" [{rank}/{world}]" if world > 1 else ""),
-               unit="img", disable=not progress)
+    bar = tqdm(
+        total=sum(len(chunks[c]) for c in mine),
+        desc=f"eval {dataset.name}" + (f" [{rank}/{world}]" if world > 1 else ""),
+        unit="img",
+        disable=not progress,
+    )
     try:
         for c in mine:
             samples = [dataset[i] for i in chunks[c]]
@@ -358,12 +401,19 @@ def evaluate(
                 group = [samples[j] for j in members]
                 seeds = [settings["seed"] + 1000 * chunks[c][j] for j in members]
                 bar.set_postfix_str(f"maps of {len(group)} images", refresh=True)  # one batched pass
-                maps = run_methods(pipe, chosen, [s.image for s in group], list(concepts), [s.caption for s in group],
-                                   {**call_settings, "seeds": seeds})
+                maps = run_methods(
+                    pipe,
+                    chosen,
+                    [s.image for s in group],
+                    list(concepts),
+                    [s.caption for s in group],
+                    {**call_settings, "seeds": seeds},
+                )
                 bar.set_postfix_str("scoring", refresh=False)
                 for pos, j in enumerate(members):
-                    per_sample[j] = {name: score_sample(maps[name][pos], samples[j], settings, len(class_names))
-                                     for name in names}
+                    per_sample[j] = {
+                        name: score_sample(maps[name][pos], samples[j], settings, len(class_names)) for name in names
+                    }
                     bar.update(1)  # the bar moves image by image, every image of the chunk once
             for j, sample in enumerate(samples):
                 images_out.append({"index": chunks[c][j], "key": sample.key, "methods": per_sample[j]})
@@ -384,15 +434,19 @@ def evaluate(
         while len(done) < len(chunks):
             if time.time() > deadline:
                 missing = len(chunks) - len(done)
-                raise ConceptAttentionError(f"{missing} chunks are still missing from {out}; rerun the same command "
-                                            "to finish them (recorded chunks are kept)")
+                raise ConceptAttentionError(
+                    f"{missing} chunks are still missing from {out}; rerun the same command "
+                    "to finish them (recorded chunks are kept)"
+                )
             time.sleep(1.0)
             done = _read_records(out)
     records = [r for c in range(len(chunks)) for r in done[c]]
-    results = {**header, "methods": summarise(records, names, class_names),
-               "descriptions": {m.name: m.description for m in chosen}}
+    results = {
+        **header,
+        "methods": summarise(records, names, class_names),
+        "descriptions": {m.name: m.description for m in chosen},
+    }
     if out is not None:
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
         (out / TABLE_FILE).write_text(markdown_table(results))
     return results
-

@@ -44,8 +44,9 @@ def components(mask: torch.Tensor) -> torch.Tensor:
     labels = torch.where(mask, torch.arange(1, h * w + 1, dtype=torch.long).view(h, w), torch.full((h, w), big))
     while True:
         padded = F.pad(labels[None, None].float(), (1, 1, 1, 1), value=float(big))[0, 0].long()
-        neighbours = torch.stack([padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1],
-                                  padded[1:-1, :-2], padded[1:-1, 2:]]).amin(0)
+        neighbours = torch.stack(
+            [padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
+        ).amin(0)
         updated = torch.where(mask, neighbours, labels)
         if torch.equal(updated, labels):
             return torch.where(mask, labels, torch.zeros_like(labels))
@@ -144,8 +145,15 @@ def shape_errors(found: list[Detected], wanted: list[tuple[str, str]]) -> list[s
                 unmatched += 1
         for k in range(unmatched):
             drawn = leftovers[k] if k < len(leftovers) else None
-            kinds.append("missing" if drawn is None else "blob" if drawn == "blob" else
-                         "borrowed" if drawn in asked else "other_shape")
+            kinds.append(
+                "missing"
+                if drawn is None
+                else "blob"
+                if drawn == "blob"
+                else "borrowed"
+                if drawn in asked
+                else "other_shape"
+            )
     return kinds
 
 

@@ -1,11 +1,11 @@
 """Does a shapes model bind each shape word to its own object? A measure read from the denoiser alone.
 
-Sampling and scoring (``benchmark.sample_quality``) says how often the shapes come out right, but a
-caption with two objects of different shapes is drawn right half the time by a model that reads the
-caption as a bag of words (``scorer.unbound_shapes_right``), and the sample score needs hundreds of
-images to move a couple of points. This measure needs no sampling: for images with two objects of
-different colours and different shapes, noised at t, the model's clean-image prediction is compared
-under three captions that differ only in their shape words, with the same noise:
+Sampling and scoring (``conceptattention.eval.shapes_report.sample_quality``) says how often the shapes
+come out right, but a caption with two objects of different shapes is drawn right half the time by a
+model that reads the caption as a bag of words (``scorer.unbound_shapes_right``), and the sample score
+needs hundreds of images to move a couple of points. This measure needs no sampling: for images with
+two objects of different colours and different shapes, noised at t, the model's clean-image prediction
+is compared under three captions that differ only in their shape words, with the same noise:
 
 - the image's own caption ("a red circle and a blue square on grass");
 - the shapes swapped ("a red square and a blue circle on grass": the same words, in the same order and
@@ -15,8 +15,7 @@ under three captions that differ only in their shape words, with the same noise:
 ``order``: the mean squared change of the prediction under the swap, divided by that under the
 replacement. It is exactly 0 for a model to which word order is invisible (without position ids or
 position embeddings, the text encoder and the transformer are permutation invariant over prompt
-tokens); a model that binds
-moves its prediction under a swap about as much as under a new word.
+tokens); a model that binds moves its prediction under a swap about as much as under a new word.
 
 ``prefers``: the share of (image, noise) pairs where the true caption reconstructs the pixels that
 differ between the two bindings better than the swapped one (chance 50%).
@@ -28,15 +27,18 @@ import dataclasses
 
 import torch
 
-from . import world
-from .model import ShapesModel, pack
+from conceptattention.shapes import world
+from conceptattention.shapes.model import ShapesModel, pack
 
 
 def two_object_scenes(n: int, seed: int) -> world.Scenes:
     """Of the first n scenes of ``seed``, those with two objects of different colours and different shapes."""
     scenes = world.sample_scenes(n, seed)
-    keep = [i for i in range(n) if len(objs := scenes.objects(i)) == 2
-            and objs[0][0] != objs[1][0] and objs[0][1] != objs[1][1]]
+    keep = [
+        i
+        for i in range(n)
+        if len(objs := scenes.objects(i)) == 2 and objs[0][0] != objs[1][0] and objs[0][1] != objs[1][1]
+    ]
     return scenes.select(torch.tensor(keep, dtype=torch.long))
 
 
@@ -67,8 +69,9 @@ def third_shape(scenes: world.Scenes) -> world.Scenes:
 
 
 @torch.no_grad()
-def binding(model: ShapesModel, scenes: world.Scenes, ts: list[float], samples: int = 2, seed: int = 0,
-            batch: int = 64) -> dict[str, dict[str, float]]:
+def binding(
+    model: ShapesModel, scenes: world.Scenes, ts: list[float], samples: int = 2, seed: int = 0, batch: int = 64
+) -> dict[str, dict[str, float]]:
     """Per noise level t (keyed by its text): ``order`` and ``prefers`` (see the module's description) over
     two-object ``scenes`` (:func:`two_object_scenes`; the first two objects are the ones swapped), ``samples``
     noise draws each."""
@@ -94,8 +97,9 @@ def binding(model: ShapesModel, scenes: world.Scenes, ts: list[float], samples: 
                 clean, mask = x0[sl].to(device), differ[sl].to(device)
                 t = torch.full((clean.shape[0],), t_value, device=device)
                 x_t = t_value * noise[s, sl].to(device) + (1 - t_value) * clean
-                true, swapped, other = (x_t - t_value * model.velocity(x_t, t, *model.encode_text(caps[sl])).float()
-                                        for caps in captions)
+                true, swapped, other = (
+                    x_t - t_value * model.velocity(x_t, t, *model.encode_text(caps[sl])).float() for caps in captions
+                )
                 errors = [((p - clean).pow(2) * mask).sum((1, 2)) for p in (true, swapped)]
                 prefers.append(errors[0] < errors[1])
                 by_swap.append((true - swapped).pow(2).sum())

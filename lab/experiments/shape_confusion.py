@@ -17,7 +17,7 @@ token also carries its colour, so ``--swapped`` takes the shape tokens from the 
 shape words swapped ("a red square and a blue circle"), where each carries the *other* object's colour:
 picks that follow the colour then fall below 50%.
 
-    python scripts/experiments/shape_confusion.py [--weights DIR] [--readouts concept_attention cross_only]
+    python lab/experiments/shape_confusion.py [--weights DIR] [--readouts concept_attention cross_only]
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ import argparse
 import torch
 
 from conceptattention.pipelines.shapes import ShapesPipeline
-from conceptattention.shapes import benchmark, world
-from conceptattention.shapes.binding import swap_shapes, two_object_scenes
+from conceptattention.shapes import world
+from conceptattention_lab.binding import swap_shapes, two_object_scenes
 
 
-def in_caption_maps(pipe, image, caption: str, concept_caption: str, concepts: list[str], samples: int, seed: int,
-                    layers) -> dict:
+def in_caption_maps(
+    pipe, image, caption: str, concept_caption: str, concepts: list[str], samples: int, seed: int, layers
+) -> dict:
     """ConceptAttention maps of one image (noised with its ``caption``) whose concepts are the words alone,
     except the shape words of ``concept_caption``, which are that caption's own tokens of them."""
     embeds = pipe.model.encode_concepts(concepts)
@@ -55,10 +56,16 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="*", default=[0, 1, 2, 3, 4, 5])
     p.add_argument("--images", type=int, default=800, help="validation scenes drawn (about 1 in 5 qualifies)")
     p.add_argument("--samples", type=int, default=4, help="noise draws per image")
-    p.add_argument("--in-caption", action="store_true",
-                   help="the two shape concepts are the caption's own tokens of those words (concept_attention only)")
-    p.add_argument("--swapped", action="store_true",
-                   help="with --in-caption: take the shape tokens from the caption with the shape words swapped")
+    p.add_argument(
+        "--in-caption",
+        action="store_true",
+        help="the two shape concepts are the caption's own tokens of those words (concept_attention only)",
+    )
+    p.add_argument(
+        "--swapped",
+        action="store_true",
+        help="with --in-caption: take the shape tokens from the caption with the shape words swapped",
+    )
     a = p.parse_args()
     if a.swapped and not a.in_caption:
         p.error("--swapped needs --in-caption")
@@ -66,11 +73,11 @@ def main() -> None:
         a.readouts = ["concept_attention"]
     torch.set_num_threads(2)
     pipe = ShapesPipeline.from_pretrained(a.weights)
-    scenes = two_object_scenes(a.images, benchmark.VALIDATION_SEED)
+    scenes = two_object_scenes(a.images, world.VALIDATION_SEED)
     images, labels = world.render(scenes)
     captions = world.captions(scenes)
     concept_captions = world.captions(swap_shapes(scenes)) if a.swapped else captions
-    concepts = list(benchmark.CONCEPTS)
+    concepts = list(world.CONCEPTS)
     shape_rows = [concepts.index(s) for s in world.SHAPES]
     counts = {r: torch.zeros(len(world.SHAPES), len(world.SHAPES)) for r in a.readouts}
     pair = {r: [0, 0] for r in a.readouts}
@@ -78,11 +85,26 @@ def main() -> None:
     for start in range(0, len(captions), step):
         idx = list(range(start, min(len(captions), start + step)))
         if a.in_caption:
-            maps = in_caption_maps(pipe, images[idx[0]], captions[idx[0]], concept_captions[idx[0]], concepts,
-                                   a.samples, 1000 * idx[0], a.layers)
+            maps = in_caption_maps(
+                pipe,
+                images[idx[0]],
+                captions[idx[0]],
+                concept_captions[idx[0]],
+                concepts,
+                a.samples,
+                1000 * idx[0],
+                a.layers,
+            )
         else:
-            maps = pipe.token_maps([images[i] for i in idx], concepts, [captions[i] for i in idx], readouts=a.readouts,
-                                   samples=a.samples, seeds=[1000 * i for i in idx], layers=a.layers)
+            maps = pipe.token_maps(
+                [images[i] for i in idx],
+                concepts,
+                [captions[i] for i in idx],
+                readouts=a.readouts,
+                samples=a.samples,
+                seeds=[1000 * i for i in idx],
+                layers=a.layers,
+            )
         for name, m in maps.items():
             up = torch.nn.functional.interpolate(m, size=labels.shape[-2:], mode="nearest")
             for j, i in enumerate(idx):
@@ -91,7 +113,9 @@ def main() -> None:
                 for slot, (_, shape) in enumerate(objects):
                     pixels = labels[i] == slot + 1
                     winner = up[j][shape_rows][:, pixels].argmax(0)
-                    counts[name][world.SHAPES.index(shape)] += torch.bincount(winner, minlength=len(world.SHAPES)).float()
+                    counts[name][world.SHAPES.index(shape)] += torch.bincount(
+                        winner, minlength=len(world.SHAPES)
+                    ).float()
                     right = up[j][own[slot]][pixels] > up[j][own[1 - slot]][pixels]
                     pair[name] = [pair[name][0] + int(right.sum()), pair[name][1] + int(pixels.sum())]
     print(f"{len(captions)} images; rows: true shape, columns: winning word ({', '.join(world.SHAPES)})")

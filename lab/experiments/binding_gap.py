@@ -1,4 +1,4 @@
-"""Experiment: does the model bind each shape word to its own object? (``conceptattention.shapes.binding``)
+"""Experiment: does the model bind each shape word to its own object? (``conceptattention_lab.binding``)
 
 Prints, per noise level t, ``order`` (how much the clean-image prediction moves when the two objects'
 shape words are swapped, relative to replacing one: 0 for a model that reads the caption as a bag of
@@ -7,7 +7,7 @@ words) and ``prefers`` (how often the true caption reconstructs better than the 
 per weights at four noise levels on 2 CPU cores; a cheap yardstick of binding between the slow sample
 benchmarks.
 
-    python scripts/experiments/binding_gap.py [--weights DIR ...] [--json OUT]
+    python lab/experiments/binding_gap.py [--weights DIR ...] [--json OUT]
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from conceptattention.shapes.benchmark import VALIDATION_SEED
-from conceptattention.shapes.binding import binding, two_object_scenes
-from conceptattention.shapes.train import init_model
+from conceptattention.shapes.world import VALIDATION_SEED
+from conceptattention_lab.binding import binding, two_object_scenes
+from conceptattention_lab.train import init_model
 
 
 def main() -> None:
@@ -37,8 +37,11 @@ def main() -> None:
     for w in a.weights:
         result = binding(init_model(w).eval(), scenes, a.t, a.samples)
         report["weights"][w] = result
-        print(w, "  ".join(f"t={t}: order {r['order']:.4f} prefers {r['prefers']:.1%}" for t, r in result.items()),
-              flush=True)
+        print(
+            w,
+            "  ".join(f"t={t}: order {r['order']:.4f} prefers {r['prefers']:.1%}" for t, r in result.items()),
+            flush=True,
+        )
     if a.json:
         a.json.write_text(json.dumps(report, indent=1))
 

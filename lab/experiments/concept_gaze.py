@@ -16,7 +16,7 @@ concepts encoded alone as ConceptAttention does. Per double-stream block:
 
 A concept that can find its object attends to it more than to the other one.
 
-    python scripts/experiments/concept_gaze.py [--weights DIR]   # 800 scenes -> 155 images, under a minute
+    python lab/experiments/concept_gaze.py [--weights DIR]   # 800 scenes -> 155 images, under a minute
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ import torch
 
 from conceptattention.core import ConceptAttention
 from conceptattention.pipelines.shapes import ShapesPipeline
-from conceptattention.shapes import benchmark, world
-from conceptattention.shapes.benchmark import CONCEPTS
-from conceptattention.shapes.binding import object_tokens, two_object_scenes
+from conceptattention.shapes import world
+from conceptattention_lab.binding import object_tokens, two_object_scenes
 
 
 class GazeRecorder(ConceptAttention):
@@ -45,8 +44,9 @@ class GazeRecorder(ConceptAttention):
         query = step.query[:, :, :k]
         keys = torch.cat([step.key[:, :, :k], image_key.to(step.key.dtype)], dim=2)
         weights = (query @ keys.transpose(-1, -2) * query.shape[-1] ** -0.5).softmax(-1).mean(1)  # [B, K, K + N]
-        self.records.append({"weights": weights.float(), "image_out": image_out.float(),
-                             "concept_out": concept_out[:, :k].float()})
+        self.records.append(
+            {"weights": weights.float(), "image_out": image_out.float(), "concept_out": concept_out[:, :k].float()}
+        )
         super()._accumulate(image_out, concept_out, image_value, image_key, step)
 
 
@@ -60,10 +60,10 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(2)
     pipe = ShapesPipeline.from_pretrained(a.weights) if a.weights else ShapesPipeline.from_pretrained()
-    scenes = two_object_scenes(a.images, benchmark.VALIDATION_SEED)
+    scenes = two_object_scenes(a.images, world.VALIDATION_SEED)
     images, labels = world.render(scenes)
     captions = world.captions(scenes)
-    concepts = list(CONCEPTS)
+    concepts = list(world.CONCEPTS)
     _, embeds = pipe._concepts(concepts)
     patch, k = pipe.model.config.patch, len(concepts)
     on_object = object_tokens(labels, patch)  # [B, 2, N]: the tokens at least half on object slot s
@@ -73,13 +73,16 @@ def main() -> None:
     counts = {b: [0, 0] for b in range(blocks)}  # (concept-object pairs, object tokens x draws)
     for start in range(0, len(captions), a.batch):
         idx = list(range(start, min(len(captions), start + a.batch)))
-        inputs, b = pipe._noisy_inputs([images[i] for i in idx], [captions[i] for i in idx], 0.5, a.samples,
-                                       [1000 * i for i in idx])
+        inputs, b = pipe._noisy_inputs(
+            [images[i] for i in idx], [captions[i] for i in idx], 0.5, a.samples, [1000 * i for i in idx]
+        )
         with GazeRecorder(pipe.model.transformer, embeds, layers=list(range(blocks))) as session:
             session.forward_until_last_layer(**inputs)
         for block, rec in enumerate(session.records):
-            weights, scores = rec["weights"].unflatten(0, (b, a.samples)), (
-                rec["image_out"] @ rec["concept_out"].transpose(-1, -2)).softmax(-1).unflatten(0, (b, a.samples))
+            weights, scores = (
+                rec["weights"].unflatten(0, (b, a.samples)),
+                (rec["image_out"] @ rec["concept_out"].transpose(-1, -2)).softmax(-1).unflatten(0, (b, a.samples)),
+            )
             total = sums[block]
             for j, i in enumerate(idx):
                 objects = scenes.objects(i)
@@ -94,8 +97,10 @@ def main() -> None:
                     total["pick right"] += (mine > theirs).sum().item()
                     total["pick wrong"] += (mine < theirs).sum().item()
                     counts[block][1] += mine.numel()
-    report = {block: {key: round(v / counts[block][0 if key.startswith("on") else 1], 4) for key, v in s.items()}
-              for block, s in sums.items()}
+    report = {
+        block: {key: round(v / counts[block][0 if key.startswith("on") else 1], 4) for key, v in s.items()}
+        for block, s in sums.items()
+    }
     print(json.dumps({"weights": a.weights or "shapes", "images": len(captions), "by block": report}, indent=1))
 
 

@@ -19,7 +19,7 @@ shape, the caption's binding of shape to colour is done in the text stream and t
 through the colour word: a lone shape concept (as ConceptAttention encodes it) then has nothing of its
 own to match.
 
-    python scripts/experiments/shape_binding.py [--weights DIR]   # 800 scenes -> 155 images, about a minute
+    python lab/experiments/shape_binding.py [--weights DIR]   # 800 scenes -> 155 images, about a minute
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import torch
 
 from conceptattention.pipelines.shapes import ShapesPipeline
 from conceptattention.prompt_attention import PromptAttention
-from conceptattention.shapes import benchmark, world
-from conceptattention.shapes.binding import object_tokens, two_object_scenes
+from conceptattention.shapes import world
+from conceptattention_lab.binding import object_tokens, two_object_scenes
 
 
 def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, ridge: float = 10.0, half: int | None = None) -> float:
@@ -57,7 +57,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(2)
     pipe = ShapesPipeline.from_pretrained(a.weights) if a.weights else ShapesPipeline.from_pretrained()
-    scenes = two_object_scenes(a.images, benchmark.VALIDATION_SEED)
+    scenes = two_object_scenes(a.images, world.VALIDATION_SEED)
     images, labels = world.render(scenes)
     captions = world.captions(scenes)
     patch = pipe.model.config.patch
@@ -67,19 +67,25 @@ def main() -> None:
     states: dict[int, dict[str, list]] = {}
     blocks = list(pipe.model.transformer.transformer_blocks)
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    hooks = [b.register_forward_hook(lambda m, args, out, k=k: captured.__setitem__(k, out)) for k, b in enumerate(blocks)]
+    hooks = [
+        b.register_forward_hook(lambda m, args, out, k=k: captured.__setitem__(k, out)) for k, b in enumerate(blocks)
+    ]
     outputs: dict[int, torch.Tensor] = {}  # image tokens' attention outputs, heads concatenated
-    hooks += [b.attn.to_out[0].register_forward_pre_hook(lambda m, args, k=k: outputs.__setitem__(k, args[0]))
-              for k, b in enumerate(blocks)]
+    hooks += [
+        b.attn.to_out[0].register_forward_pre_hook(lambda m, args, k=k: outputs.__setitem__(k, args[0]))
+        for k, b in enumerate(blocks)
+    ]
     try:
         inputs, b = pipe._noisy_inputs(list(images), captions, 0.5, a.samples, None)
         for k in range(len(blocks)):
             with PromptAttention(pipe.model.transformer, layers=[k]) as session:
                 session.forward_until_last_layer(**inputs)
             probs = session.maps().flatten(2).unflatten(0, (b, a.samples)).mean(1)  # [B, S, N]
-            states[k] = {"text": captured[k][0].unflatten(0, (b, a.samples)).mean(1).float(),
-                         "image": captured[k][1].unflatten(0, (b, a.samples)).mean(1).float(),
-                         "output": outputs[k].unflatten(0, (b, a.samples)).mean(1).float()}
+            states[k] = {
+                "text": captured[k][0].unflatten(0, (b, a.samples)).mean(1).float(),
+                "image": captured[k][1].unflatten(0, (b, a.samples)).mean(1).float(),
+                "output": outputs[k].unflatten(0, (b, a.samples)).mean(1).float(),
+            }
             totals = dict.fromkeys(roles, 0.0)
             for i, caption in enumerate(captions):
                 words = caption.split()
@@ -87,7 +93,10 @@ def main() -> None:
                 for s in range(2):
                     (colour, shape), (other_colour, other_shape) = objs[s], objs[1 - s]
                     mass = probs[i][:, on_object[i, s]].mean(-1)  # [S]: attention per caption token
-                    picked = {r: mass[words.index(w)].item() for r, w in zip(roles, (colour, shape, other_colour, other_shape))}
+                    picked = {
+                        r: mass[words.index(w)].item()
+                        for r, w in zip(roles, (colour, shape, other_colour, other_shape))
+                    }
                     for r, w in (("after own shape", shape), ("after other shape", other_shape)):  # "and", "on"
                         after = words.index(w) + 1
                         picked[r] = mass[after].item() if after < len(words) else 0.0
@@ -121,11 +130,21 @@ def main() -> None:
                 first_half = len(token_shapes)
         probes["prompt" if k < 0 else k] = {
             name: round(probe_accuracy(torch.stack(f), target), 3)
-            for name, f in (("colour word", colour_word), ("shape word", shape_word), ("object pixels", pixels),
-                            ("object outputs", outs)) if f}
+            for name, f in (
+                ("colour word", colour_word),
+                ("shape word", shape_word),
+                ("object pixels", pixels),
+                ("object outputs", outs),
+            )
+            if f
+        }
         if tokens:
-            probes[k]["token outputs"] = round(probe_accuracy(torch.cat(tokens), torch.tensor(token_shapes), half=first_half), 3)
-    print(json.dumps({"objects": len(target), "attention by block": attention, "shape probe by block": probes}, indent=1))
+            probes[k]["token outputs"] = round(
+                probe_accuracy(torch.cat(tokens), torch.tensor(token_shapes), half=first_half), 3
+            )
+    print(
+        json.dumps({"objects": len(target), "attention by block": attention, "shape probe by block": probes}, indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ knows which words are in the picture, never where). The gap is what absent words
 ones. Maps as the benchmark makes them: blocks 3-5 (or --layers), t = 0.5, 4 noise draws, bilinear
 upsampling, each map min-max normalised and thresholded at its mean, fg/bg mIoU from sums over the set.
 
-    python scripts/experiments/true_concepts_oracle.py [--weights DIR] [--images 100]   # about a minute
+    python lab/experiments/true_concepts_oracle.py [--weights DIR] [--images 100]   # about a minute
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import json
 import torch
 import torch.nn.functional as F
 
+from conceptattention.eval import shapes_report
 from conceptattention.pipelines.shapes import ShapesPipeline
-from conceptattention.shapes import benchmark, world
-from conceptattention.shapes.train import concept_scores
+from conceptattention.shapes import world
+from conceptattention_lab.train import concept_scores
 
 
 def kind_of(word: str) -> str:
-    return next(kind for kind, words in benchmark.WORD_KINDS.items() if word in words)
+    return next(kind for kind, words in shapes_report.WORD_KINDS.items() if word in words)
 
 
 @torch.no_grad()
@@ -38,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(2)
     pipe = ShapesPipeline.from_pretrained(a.weights) if a.weights else ShapesPipeline.from_pretrained()
     layers = list(a.layers or pipe.default_layers)
-    scenes = world.sample_scenes(a.images, benchmark.VALIDATION_SEED)
+    scenes = world.sample_scenes(a.images, world.VALIDATION_SEED)
     images, labels = world.render(scenes)
     captions = world.captions(scenes)
     true = world.true_concepts(scenes)
@@ -46,8 +47,9 @@ def main() -> None:
     sums: dict[tuple[str, str], torch.Tensor] = {}  # (softmax over, kind) -> [inter fg, union fg, inter bg, union bg]
     for start in range(0, a.images, a.batch):
         idx = list(range(start, min(a.images, start + a.batch)))
-        inputs, b = pipe._noisy_inputs([images[i] for i in idx], [captions[i] for i in idx], 0.5, samples,
-                                       [1000 * i for i in idx])
+        inputs, b = pipe._noisy_inputs(
+            [images[i] for i in idx], [captions[i] for i in idx], 0.5, samples, [1000 * i for i in idx]
+        )
         with concept_scores(pipe.model, layers) as scores:
             pipe.model.transformer(**inputs)
         raw = torch.stack(scores).float().unflatten(1, (b, samples))  # [L, B, S, K, N]
@@ -62,14 +64,20 @@ def main() -> None:
                     if not true[i, c]:
                         continue
                     m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
-                    pred, mask = m > m.mean(), world.concept_mask(one, labels[i:i + 1], concepts[c])[0]
-                    counts = torch.tensor([(pred & mask).sum(), (pred | mask).sum(), (~pred & ~mask).sum(),
-                                           (~pred | ~mask).sum()], dtype=torch.float64)
+                    pred, mask = m > m.mean(), world.concept_mask(one, labels[i : i + 1], concepts[c])[0]
+                    counts = torch.tensor(
+                        [(pred & mask).sum(), (pred | mask).sum(), (~pred & ~mask).sum(), (~pred | ~mask).sum()],
+                        dtype=torch.float64,
+                    )
                     for kind in (kind_of(concepts[c]), "all"):
                         sums[(over, kind)] = sums.get((over, kind), torch.zeros(4, dtype=torch.float64)) + counts
-    report = {over: {kind: round(100 * float(s[0] / s[1] + s[2] / s[3]) / 2, 1) for (o, kind), s in sums.items() if o == over}
-              for over in ("all words", "true words")}
-    print(json.dumps({"weights": a.weights or "shapes", "images": a.images, "layers": layers, "miou": report}, indent=1))
+    report = {
+        over: {kind: round(100 * float(s[0] / s[1] + s[2] / s[3]) / 2, 1) for (o, kind), s in sums.items() if o == over}
+        for over in ("all words", "true words")
+    }
+    print(
+        json.dumps({"weights": a.weights or "shapes", "images": a.images, "layers": layers, "miou": report}, indent=1)
+    )
 
 
 if __name__ == "__main__":

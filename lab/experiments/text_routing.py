@@ -7,7 +7,7 @@ routes cut — the text encoder's transformer layers bypassed (each prompt token
 embedding plus its position, normalised) and the pooled vector zeroed — and measures whether the
 ConceptAttention and DAAM-style shape picks rise above chance (50%) on the validation seed.
 
-    python scripts/experiments/text_routing.py runs/shapes-xpred/weights --seconds 3300 --out /tmp/routing.pt
+    python lab/experiments/text_routing.py runs/shapes-xpred/weights --seconds 3300 --out /tmp/routing.pt
 
 Session 7 ran exactly this on 2 CPU cores from the stage-5 model (8x8 patches): 1,317 steps of 64.
 """
@@ -18,14 +18,17 @@ import argparse
 import time
 
 import torch
+
+from conceptattention.eval import shapes_report
 from conceptattention.pipelines.shapes import ShapesPipeline
-from conceptattention.shapes import benchmark
-from conceptattention.shapes.train import TrainConfig, batch_loss, init_model
+from conceptattention.shapes import world
+from conceptattention_lab import surgery
+from conceptattention_lab.train import TrainConfig, batch_loss, init_model
 
 
 def cut_routes(model) -> None:
     """Bypass the text encoder's word mixing and zero the pooled vector, in place."""
-    model.drop_text_mixing()
+    surgery.drop_text_mixing(model)
     encode = model.encode_text
 
     def unpooled(texts):
@@ -37,12 +40,20 @@ def cut_routes(model) -> None:
 
 def report(model, tag: str, images: int) -> None:
     model.eval()
-    r = benchmark.map_quality(ShapesPipeline(model, name=tag), images, benchmark.VALIDATION_SEED,
-                              readouts=["concept_attention", "daam", "cross_attention_softmax"], progress=False)
+    r = shapes_report.map_quality(
+        ShapesPipeline(model, name=tag),
+        images,
+        world.VALIDATION_SEED,
+        readouts=["concept_attention", "daam", "cross_attention_softmax"],
+        progress=False,
+    )
     for name, x in r["readouts"].items():
         kinds = {k: round(100 * v["miou"]) for k, v in x["by_kind"].items()}
-        print(f"{tag} {name}: mIoU {100 * x['miou']:.1f}, shape pick {100 * x['shape_pick']:.1f}%, "
-              f"colour pick {100 * x['color_pick']:.1f}%, mIoU by kind {kinds}", flush=True)
+        print(
+            f"{tag} {name}: mIoU {100 * x['miou']:.1f}, shape pick {100 * x['shape_pick']:.1f}%, "
+            f"colour pick {100 * x['color_pick']:.1f}%, mIoU by kind {kinds}",
+            flush=True,
+        )
     model.train()
 
 
