@@ -36,14 +36,21 @@ def main() -> None:
         began = time.perf_counter()
         evaluate(pipe, dataset, methods, None, progress=False)
         timings[label] = time.perf_counter() - began
-    print(json.dumps({
-        "images": a.images, "methods": len(METHODS), "threads": torch.get_num_threads(),
-        "dataset_seconds": round(data_seconds, 2),
-        "all_methods_seconds": round(timings["all"], 2),
-        "concept_attention_seconds": round(timings["concept_attention"], 2),
-        "ratio_all_to_concept_attention": round(timings["all"] / timings["concept_attention"], 3),
-        "all_methods_images_per_second": round(a.images / timings["all"], 2),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "images": a.images,
+                "methods": len(METHODS),
+                "threads": torch.get_num_threads(),
+                "dataset_seconds": round(data_seconds, 2),
+                "all_methods_seconds": round(timings["all"], 2),
+                "concept_attention_seconds": round(timings["concept_attention"], 2),
+                "ratio_all_to_concept_attention": round(timings["all"] / timings["concept_attention"], 3),
+                "all_methods_images_per_second": round(a.images / timings["all"], 2),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

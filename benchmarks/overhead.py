@@ -29,16 +29,32 @@ from conceptattention import ConceptAttention
 CONFIGS = {
     # hidden 768 = 12 heads x 64, 6 double + 6 single blocks, 32x32 = 1024 image tokens, 128 prompt tokens
     "mid": dict(
-        model=dict(num_layers=6, num_single_layers=6, attention_head_dim=64, num_attention_heads=12,
-                   in_channels=64, joint_attention_dim=4096, pooled_projection_dim=768,
-                   axes_dims_rope=(8, 28, 28)),
-        grid=(32, 32), text_tokens=128,
+        model=dict(
+            num_layers=6,
+            num_single_layers=6,
+            attention_head_dim=64,
+            num_attention_heads=12,
+            in_channels=64,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            axes_dims_rope=(8, 28, 28),
+        ),
+        grid=(32, 32),
+        text_tokens=128,
     ),
     # FLUX.1-schnell's shapes: 19 double + 38 single blocks, hidden 3072 = 24 x 128; 1024x1024 px
     "flux-schnell": dict(
-        model=dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-                   in_channels=64, joint_attention_dim=4096, pooled_projection_dim=768),
-        grid=(64, 64), text_tokens=256,
+        model=dict(
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            in_channels=64,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+        ),
+        grid=(64, 64),
+        text_tokens=256,
     ),
 }
 
@@ -68,7 +84,9 @@ def make_inputs(cfg: dict, device: str, dtype: torch.dtype, batch: int = 1) -> d
     ids[..., 2] = torch.arange(w)[None, :]
     return dict(
         hidden_states=torch.randn(batch, h * w, m["in_channels"], generator=g).to(device, dtype),
-        encoder_hidden_states=torch.randn(batch, cfg["text_tokens"], m["joint_attention_dim"], generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(batch, cfg["text_tokens"], m["joint_attention_dim"], generator=g).to(
+            device, dtype
+        ),
         pooled_projections=torch.randn(batch, m["pooled_projection_dim"], generator=g).to(device, dtype),
         timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
         img_ids=ids.reshape(-1, 3).to(device),
@@ -165,10 +183,12 @@ def main() -> None:
         }
         cases = {}
         for label, session in sessions.items():
+
             def run(session=session):
                 with session:
                     model(**inputs)
                 session.reset()
+
             cases[label] = run
         image_session = ConceptAttention(model, image_embeds)
         last_read = image_session.layers[-1]
@@ -223,8 +243,11 @@ def main() -> None:
             ours_image_peak = peak_memory(ours_image, args.device)
             results["peak_memory_bytes"] = {
                 "forward": {"plain": plain_peak, "with_maps": ours_peak, "ratio": ours_peak / plain_peak},
-                "real_image_pass": {"plain": plain_image_peak, "with_maps": ours_image_peak,
-                                    "ratio": ours_image_peak / plain_image_peak},
+                "real_image_pass": {
+                    "plain": plain_image_peak,
+                    "with_maps": ours_image_peak,
+                    "ratio": ours_image_peak / plain_image_peak,
+                },
             }
     print(json.dumps(results, indent=2))
 

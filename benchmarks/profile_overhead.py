@@ -34,10 +34,15 @@ def profiled(fn, device: str) -> tuple[dict, object]:
         sync(device)
         wall = time.perf_counter() - start
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    ops = {e.key: [e.count, e.self_device_time_total if kernels else e.self_cpu_time_total]  # calls, self us
-           for e in prof.key_averages()}
-    summary = {"wall_seconds": wall, "kernels": len(kernels),
-               "kernel_seconds": sum(e.device_time for e in kernels) / 1e6 if kernels else None}
+    ops = {
+        e.key: [e.count, e.self_device_time_total if kernels else e.self_cpu_time_total]  # calls, self us
+        for e in prof.key_averages()
+    }
+    summary = {
+        "wall_seconds": wall,
+        "kernels": len(kernels),
+        "kernel_seconds": sum(e.device_time for e in kernels) / 1e6 if kernels else None,
+    }
     return {"summary": summary, "ops": ops}, prof
 
 
@@ -53,8 +58,9 @@ def main() -> None:
     cfg = CONFIGS[a.config]
     model = build_model(cfg, a.device, dtype)
     inputs = make_inputs(cfg, a.device, dtype)
-    embeds = torch.randn(a.concepts, cfg["model"]["joint_attention_dim"],
-                         generator=torch.Generator().manual_seed(1)).to(a.device, dtype)
+    embeds = torch.randn(
+        a.concepts, cfg["model"]["joint_attention_dim"], generator=torch.Generator().manual_seed(1)
+    ).to(a.device, dtype)
     session = ConceptAttention(model, embeds)
 
     def ours():
@@ -68,13 +74,28 @@ def main() -> None:
             ours()
         plain, _ = profiled(lambda: model(**inputs), a.device)
         hooked, prof = profiled(ours, a.device)
-    diff = {name: [hooked["ops"][name][0] - plain["ops"].get(name, [0, 0.0])[0],
-                   (hooked["ops"][name][1] - plain["ops"].get(name, [0, 0.0])[1]) / 1e3]
-            for name in hooked["ops"]}
+    diff = {
+        name: [
+            hooked["ops"][name][0] - plain["ops"].get(name, [0, 0.0])[0],
+            (hooked["ops"][name][1] - plain["ops"].get(name, [0, 0.0])[1]) / 1e3,
+        ]
+        for name in hooked["ops"]
+    }
     biggest = sorted(diff.items(), key=lambda kv: -abs(kv[1][1]))[: a.top]
-    print(json.dumps({"config": a.config, "device": a.device, "dtype": a.dtype, "layers": list(session.layers),
-                      "plain": plain["summary"], "with_concepts": hooked["summary"],
-                      "extra_ops_ms": {k: {"calls": c, "ms": round(ms, 3)} for k, (c, ms) in biggest}}, indent=2))
+    print(
+        json.dumps(
+            {
+                "config": a.config,
+                "device": a.device,
+                "dtype": a.dtype,
+                "layers": list(session.layers),
+                "plain": plain["summary"],
+                "with_concepts": hooked["summary"],
+                "extra_ops_ms": {k: {"calls": c, "ms": round(ms, 3)} for k, (c, ms) in biggest},
+            },
+            indent=2,
+        )
+    )
     sort = "self_cuda_time_total" if a.device.startswith("cuda") else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=a.top))
 

@@ -44,8 +44,17 @@ def main() -> None:
         "import_torch": [sys.executable, "-c", "import torch"],
     }
     if not args.no_generate:
-        commands["generate"] = cli + ["generate", "a red circle and a blue square on grass", "--concepts", "circle",
-                                      "square", "grass", "--out", out, "--quiet"]
+        commands["generate"] = cli + [
+            "generate",
+            "a red circle and a blue square on grass",
+            "--concepts",
+            "circle",
+            "square",
+            "grass",
+            "--out",
+            out,
+            "--quiet",
+        ]
     runs: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(args.repeats):
         for name, cmd in commands.items():

@@ -12,7 +12,7 @@ import argparse
 
 from conceptattention.eval.datasets import load_dataset
 from conceptattention.eval.methods import register_method
-from conceptattention.eval.runner import markdown_table, evaluate
+from conceptattention.eval.runner import evaluate, markdown_table
 from conceptattention.pipelines import load_pipeline
 
 
@@ -26,8 +26,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=100)
     args = parser.parse_args()
-    results = evaluate(load_pipeline("shapes"), load_dataset("shapes", images=args.images),
-                       ["concept_attention", "sharpened_concept_attention"], out=None)
+    results = evaluate(
+        load_pipeline("shapes"),
+        load_dataset("shapes", images=args.images),
+        ["concept_attention", "sharpened_concept_attention"],
+        out=None,
+    )
     print(markdown_table(results))
 
 

@@ -27,8 +27,14 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(
-        num_layers=4, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
-        in_channels=16, joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 12, 12),
+        num_layers=4,
+        num_single_layers=2,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        in_channels=16,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        axes_dims_rope=(8, 12, 12),
     ).eval()
     h, w, text_tokens = 12, 20, 16  # a non-square 12 x 20 token grid
     ids = torch.zeros(h, w, 3)
@@ -47,8 +53,9 @@ def main() -> None:
 
     with torch.inference_mode():
         plain = model(**inputs)[0]
-        with ConceptAttention(model, concept_embeds, layers=[1, 2, 3],
-                              readouts=["concept_attention", "cross_attention"]) as ca:
+        with ConceptAttention(
+            model, concept_embeds, layers=[1, 2, 3], readouts=["concept_attention", "cross_attention"]
+        ) as ca:
             hooked = model(**inputs)[0]
         maps = ca.maps()  # [B, K, h, w]: softmax over concepts, mean over layers
         cross = ca.maps("cross_attention")

@@ -1,6 +1,6 @@
 """Generate an image with the built-in shapes model and read where each word went (offline, CPU).
 
-    python examples/shapes_maps.py [--out DIR]
+python examples/shapes_maps.py [--out DIR]
 """
 
 from __future__ import annotations

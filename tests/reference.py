@@ -90,8 +90,9 @@ def reference_maps(
     total = None
     count = 0
     for inputs in calls:
-        for layer_scores in _one_call(family, transformer, inputs, concepts, layers, stream, space, pooled,
-                                      concept_norm):
+        for layer_scores in _one_call(
+            family, transformer, inputs, concepts, layers, stream, space, pooled, concept_norm
+        ):
             s = layer_scores.softmax(dim=1) if softmax else layer_scores
             total = s.double() if total is None else total + s.double()
             count += 1
@@ -137,8 +138,8 @@ def _one_call(family, t, inputs, concepts, layers, stream, space, pooled, concep
         Q, K, V = torch.cat([eq, q], 2), torch.cat([ek, k], 2), torch.cat([ev, v], 2)
         if cos is not None:
             Q, K = rotate(Q, cos, sin), rotate(K, cos, sin)
-        O = attend(Q, K, V)
-        o_x, k_x, v_x = merge(O[:, :, n_txt:]), K[:, :, n_txt:], V[:, :, n_txt:]
+        out = attend(Q, K, V)
+        o_x, k_x, v_x = merge(out[:, :, n_txt:]), K[:, :, n_txt:], V[:, :, n_txt:]
 
         # --- the concept stream through the text-stream weights
         if getattr(block, "context_pre_only", False):
@@ -168,8 +169,12 @@ def _one_call(family, t, inputs, concepts, layers, stream, space, pooled, concep
 def reference_prompt_attention(family: str, t, inputs: dict, layers: list[int]) -> torch.Tensor:
     """Mean over ``layers`` of softmax over prompt tokens of (image query . prompt key) / sqrt(d), mean
     over heads: ``[B, S_text, N]``, from the joint attention's inputs recomputed by hand."""
-    hs, enc_in, pooled_in, ts = (inputs["hidden_states"], inputs["encoder_hidden_states"],
-                                 inputs["pooled_projections"], inputs["timestep"])
+    hs, enc_in, pooled_in, ts = (
+        inputs["hidden_states"],
+        inputs["encoder_hidden_states"],
+        inputs["pooled_projections"],
+        inputs["timestep"],
+    )
     if family == "flux":
         x = t.x_embedder(hs)
         temb = t.time_text_embed(ts.to(x.dtype) * 1000, pooled_in)
@@ -183,7 +188,11 @@ def reference_prompt_attention(family: str, t, inputs: dict, layers: list[int]) 
     for index, block in enumerate(t.transformer_blocks[: max(layers) + 1]):
         attn, nh = block.attn, block.attn.heads
         nx = block.norm1(x, emb=temb)[0]
-        ne = block.norm1_context(enc, temb) if getattr(block, "context_pre_only", False) else block.norm1_context(enc, emb=temb)[0]
+        ne = (
+            block.norm1_context(enc, temb)
+            if getattr(block, "context_pre_only", False)
+            else block.norm1_context(enc, emb=temb)[0]
+        )
         q = _maybe(attn.norm_q, heads(attn.to_q(nx), nh))
         k = _maybe(attn.norm_k, heads(attn.to_k(nx), nh))
         eq = _maybe(attn.norm_added_q, heads(attn.add_q_proj(ne), nh))

@@ -124,6 +124,7 @@ def _corrupt_model(folder: Path) -> Path:
 
 def test_with_model_choice_a_bad_name_gives_one_message_without_paths(tmp_path):
     import gradio as gr
+
     from conceptattention.app import AppHandlers, build_app
 
     page_app = build_app("shapes", allow_model_choice=True)
@@ -139,8 +140,13 @@ def test_with_model_choice_a_bad_name_gives_one_message_without_paths(tmp_path):
     try:
         empty = tmp_path / "empty"
         empty.mkdir()
-        names = [str(tmp_path / "missing"), str(empty), str(_corrupt_model(tmp_path / "corrupt")), "/etc",
-                 "not a model"]
+        names = [
+            str(tmp_path / "missing"),
+            str(empty),
+            str(_corrupt_model(tmp_path / "corrupt")),
+            "/etc",
+            "not a model",
+        ]
         for name in names:
             with pytest.raises(gr.Error) as caught:
                 handlers.generate("a red circle", "circle", 1, 0, model_name=name)
@@ -168,6 +174,7 @@ def _small_png(folder: Path) -> Path:
 
 def test_a_corrupt_launch_model_gives_a_readable_message(tmp_path, caplog):
     import gradio as gr
+
     from conceptattention.app import AppHandlers, launch
     from conceptattention.errors import ConceptAttentionError
 
@@ -240,26 +247,40 @@ def test_one_visitors_model_never_breaks_anothers_running_request(served_app):
 def test_every_error_is_one_readable_message(served_app, client, caplog, tmp_path):
     import gradio as gr
     from gradio_client.exceptions import AppError
+
     from conceptattention.app import AppHandlers
     from conceptattention.errors import ConceptAttentionError
 
     with pytest.raises(AppError, match=r"seed must be an integer from 0 to 2\*\*63 - 1"):  # through the server
         client.predict("a red circle", "circle", 4, 2**70, api_name="/generate")
     handlers = served_app[0].handlers
-    bad_generate = [(dict(seed=2**70), "seed must be an integer"), (dict(seed=float(2**70)), "seed must be"),
-                    (dict(seed=-1), "seed must be"), (dict(seed=1.5), "seed must be"), (dict(seed=None), "seed must"),
-                    (dict(seed=True), "seed must be"), (dict(steps=0), "steps must be an integer from 1 to 1000"),
-                    (dict(steps=1001), "steps must be"), (dict(steps=float("nan")), "steps must be"),
-                    (dict(concepts=""), "enter at least one concept word"), (dict(concepts=None), "enter at least")]
+    bad_generate = [
+        (dict(seed=2**70), "seed must be an integer"),
+        (dict(seed=float(2**70)), "seed must be"),
+        (dict(seed=-1), "seed must be"),
+        (dict(seed=1.5), "seed must be"),
+        (dict(seed=None), "seed must"),
+        (dict(seed=True), "seed must be"),
+        (dict(steps=0), "steps must be an integer from 1 to 1000"),
+        (dict(steps=1001), "steps must be"),
+        (dict(steps=float("nan")), "steps must be"),
+        (dict(concepts=""), "enter at least one concept word"),
+        (dict(concepts=None), "enter at least"),
+    ]
     for change, message in bad_generate:
         args = dict(prompt="a red circle", concepts="circle", steps=1, seed=0) | change
         with pytest.raises(gr.Error, match=message.replace("*", r"\*")):
             handlers.generate(**args)
     image = _small_png(tmp_path)
-    bad_encode = [(dict(t=float("nan")), "t .* must be a number from 0 to 1"), (dict(t=1.5), "must be a number"),
-                  (dict(t=-0.1), "must be a number"), (dict(samples=0), "samples must be an integer from 1 to 64"),
-                  (dict(samples=65), "samples must be"), (dict(samples=2.5), "samples must be"),
-                  (dict(image=None), "upload an image first")]
+    bad_encode = [
+        (dict(t=float("nan")), "t .* must be a number from 0 to 1"),
+        (dict(t=1.5), "must be a number"),
+        (dict(t=-0.1), "must be a number"),
+        (dict(samples=0), "samples must be an integer from 1 to 64"),
+        (dict(samples=65), "samples must be"),
+        (dict(samples=2.5), "samples must be"),
+        (dict(image=None), "upload an image first"),
+    ]
     for change, message in bad_encode:
         args = dict(image=str(image), caption="", concepts="circle", t=0.5, samples=1) | change
         with pytest.raises(gr.Error, match=message):
@@ -268,17 +289,23 @@ def test_every_error_is_one_readable_message(served_app, client, caplog, tmp_pat
     real = handlers.pipelines.get()
     with real.lock:
         result = real.pipe.generate("a red circle", ["circle"], steps=1)
-    failing = {"boom": RuntimeError("boom in /srv/secret/weights"),
-               "known": ConceptAttentionError("no shapes model in /srv/secret/weights (expected model.safetensors)")}
-    fakes = AppHandlers("shapes", allow_model_choice=True,
-                        loader=lambda name, device: _FakePipeline(result, error=failing.get(name)))
+    failing = {
+        "boom": RuntimeError("boom in /srv/secret/weights"),
+        "known": ConceptAttentionError("no shapes model in /srv/secret/weights (expected model.safetensors)"),
+    }
+    fakes = AppHandlers(
+        "shapes", allow_model_choice=True, loader=lambda name, device: _FakePipeline(result, error=failing.get(name))
+    )
     try:
         with caplog.at_level(logging.ERROR, logger="conceptattention.app"):
             with pytest.raises(gr.Error) as caught:
                 fakes.generate("a red circle", "circle", 1, 0, model_name="boom")
         assert caught.value.message == "internal error (RuntimeError); the server log has the details"
-        assert any("boom in /srv/secret/weights" in record.getMessage() or
-                   (record.exc_info and "boom" in str(record.exc_info[1])) for record in caplog.records)
+        assert any(
+            "boom in /srv/secret/weights" in record.getMessage()
+            or (record.exc_info and "boom" in str(record.exc_info[1]))
+            for record in caplog.records
+        )
         with pytest.raises(gr.Error) as caught:
             fakes.generate("a red circle", "circle", 1, 0, model_name="known")
         assert "/srv" not in caught.value.message and "no shapes model in <path>" in caught.value.message
@@ -294,17 +321,31 @@ def test_concurrent_generate_and_encode_all_succeed_with_the_sequential_maps(cli
     from gradio_client import handle_file
     from PIL import Image
 
-    first = client.predict("a red circle and a blue square on grass", "circle square grass", 4, 0,
-                           api_name="/generate")
+    first = client.predict("a red circle and a blue square on grass", "circle square grass", 4, 0, api_name="/generate")
     picture = tmp_path / "first.png"
     Image.open(first[0]).convert("RGB").resize((64, 64), Image.NEAREST).save(picture)
-    prompts = ["a red circle on grass", "a blue square in the sky", "a yellow triangle and a green circle",
-               "a gray square and a red triangle on grass", "a green circle in the sky"]
+    prompts = [
+        "a red circle on grass",
+        "a blue square in the sky",
+        "a yellow triangle and a green circle",
+        "a gray square and a red triangle on grass",
+        "a green circle in the sky",
+    ]
     requests = []
     for k, prompt in enumerate(prompts):
         requests.append(("/generate", (prompt, "circle square triangle grass sky", 4, 10 + k)))
-        requests.append(("/encode", (handle_file(str(picture)), ["", "a red square"][k % 2],
-                                     "circle square grass", [0.3, 0.5, 0.7, 0.4, 0.6][k], 1 + k % 3)))
+        requests.append(
+            (
+                "/encode",
+                (
+                    handle_file(str(picture)),
+                    ["", "a red square"][k % 2],
+                    "circle square grass",
+                    [0.3, 0.5, 0.7, 0.4, 0.6][k],
+                    1 + k % 3,
+                ),
+            )
+        )
 
     def call(request):
         api_name, args = request

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -32,8 +31,9 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
 
 def earlier_result(folder: Path, capsys) -> dict[str, bytes]:
     """An earlier result in ``folder`` (three concepts), as {file name: bytes}."""
-    code, _, err = run(["generate", PROMPT, "-c", "circle", "square", "grass", "--steps", "2", "-o", folder, "-q"],
-                       capsys)
+    code, _, err = run(
+        ["generate", PROMPT, "-c", "circle", "square", "grass", "--steps", "2", "-o", folder, "-q"], capsys
+    )
     assert code == 0, err
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
@@ -58,8 +58,10 @@ def gray16(tmp: Path) -> Path:
 
 def raise_on_write(exc: BaseException):
     """A stand-in for numpy.save that fails like a full disk (or an interrupt) halfway through the outputs."""
+
     def fail(*args, **kwargs):
         raise exc
+
     return fail
 
 
@@ -68,46 +70,117 @@ def raise_on_write(exc: BaseException):
 TABLE = [
     # wrong results with exit 0, before
     ("options-first", ["generate", "-c", "circle", "grass", "--out", "{out}", PROMPT, "--steps", "2", "-q"], "ok"),
-    ("misspelled-option", ["generate", PROMPT, "-c", "circle", "--stepz", "5", "-o", "{out}"],
-     "error: No such option: --stepz"),
-    ("stray-argument", ["generate", "a", "red", "circle", "-c", "circle", "-o", "{out}"],
-     "error: Got unexpected extra argument"),
-    ("prompt-after-concepts", ["generate", "-c", "circle", "grass", PROMPT, "-o", "{out}"],
-     "error: Missing argument 'prompt'"),
-    ("16-bit-gray-image", ["encode", "{gray16}", "-c", "circle", "grass", "--samples", "1", "-o", "{out}", "-q"],
-     "gray-ok"),
-    ("guidance-nan", ["generate", PROMPT, "-c", "circle", "--guidance", "nan", "-o", "{out}"],
-     "error: Invalid value for '--guidance': 'nan' is not a finite number"),
+    (
+        "misspelled-option",
+        ["generate", PROMPT, "-c", "circle", "--stepz", "5", "-o", "{out}"],
+        "error: No such option: --stepz",
+    ),
+    (
+        "stray-argument",
+        ["generate", "a", "red", "circle", "-c", "circle", "-o", "{out}"],
+        "error: Got unexpected extra argument",
+    ),
+    (
+        "prompt-after-concepts",
+        ["generate", "-c", "circle", "grass", PROMPT, "-o", "{out}"],
+        "error: Missing argument 'prompt'",
+    ),
+    (
+        "16-bit-gray-image",
+        ["encode", "{gray16}", "-c", "circle", "grass", "--samples", "1", "-o", "{out}", "-q"],
+        "gray-ok",
+    ),
+    (
+        "guidance-nan",
+        ["generate", PROMPT, "-c", "circle", "--guidance", "nan", "-o", "{out}"],
+        "error: Invalid value for '--guidance': 'nan' is not a finite number",
+    ),
     ("guidance-inf", ["generate", PROMPT, "-c", "circle", "--guidance", "inf", "-o", "{out}"], "error: not a finite"),
     ("t-out-of-range", ["encode", "{gray16}", "-c", "circle", "--t", "1.5", "-o", "{out}"], "error: 1.5 is above 1"),
-    ("samples-zero", ["encode", "{gray16}", "-c", "circle", "--samples", "0", "-o", "{out}"],
-     "error: Invalid value for '--samples'"),
-    ("steps-zero", ["generate", PROMPT, "-c", "circle", "--steps", "0", "-o", "{out}"], "error: Invalid value for '--steps'"),
-    ("seed-huge", ["generate", PROMPT, "-c", "circle", "--seed", str(2**70), "-o", "{out}"],
-     "error: Invalid value for '--seed'"),
-    ("seed-negative", ["generate", PROMPT, "-c", "circle", "--seed", "-1", "-o", "{out}"], "error: Invalid value for '--seed'"),
-    ("duplicate-concepts", ["generate", PROMPT, "-c", "circle", "circle", "grass", "-o", "{out}"],
-     "error: the concept 'circle' is given twice"),
-    ("duplicate-concepts-case", ["generate", PROMPT, "-c", "grass,Grass", "-o", "{out}"], "error: the concept 'Grass' is given twice"),
+    (
+        "samples-zero",
+        ["encode", "{gray16}", "-c", "circle", "--samples", "0", "-o", "{out}"],
+        "error: Invalid value for '--samples'",
+    ),
+    (
+        "steps-zero",
+        ["generate", PROMPT, "-c", "circle", "--steps", "0", "-o", "{out}"],
+        "error: Invalid value for '--steps'",
+    ),
+    (
+        "seed-huge",
+        ["generate", PROMPT, "-c", "circle", "--seed", str(2**70), "-o", "{out}"],
+        "error: Invalid value for '--seed'",
+    ),
+    (
+        "seed-negative",
+        ["generate", PROMPT, "-c", "circle", "--seed", "-1", "-o", "{out}"],
+        "error: Invalid value for '--seed'",
+    ),
+    (
+        "duplicate-concepts",
+        ["generate", PROMPT, "-c", "circle", "circle", "grass", "-o", "{out}"],
+        "error: the concept 'circle' is given twice",
+    ),
+    (
+        "duplicate-concepts-case",
+        ["generate", PROMPT, "-c", "grass,Grass", "-o", "{out}"],
+        "error: the concept 'Grass' is given twice",
+    ),
     ("no-concepts", ["generate", PROMPT, "-c", ",", "-o", "{out}"], "error: no concepts given"),
     # tracebacks, before
-    ("device-cuda-missing", ["generate", PROMPT, "-c", "circle", "--device", "cuda", "-o", "{out}"],
-     "error: device 'cuda' asked for, but"),
-    ("device-nonsense", ["generate", PROMPT, "-c", "circle", "--device", "gpu9000", "-o", "{out}"],
-     "error: unknown device 'gpu9000'"),
-    ("dtype-nonsense", ["generate", PROMPT, "-c", "circle", "--dtype", "float8", "-o", "{out}"], "error: --dtype must be one of"),
+    (
+        "device-cuda-missing",
+        ["generate", PROMPT, "-c", "circle", "--device", "cuda", "-o", "{out}"],
+        "error: device 'cuda' asked for, but",
+    ),
+    (
+        "device-nonsense",
+        ["generate", PROMPT, "-c", "circle", "--device", "gpu9000", "-o", "{out}"],
+        "error: unknown device 'gpu9000'",
+    ),
+    (
+        "dtype-nonsense",
+        ["generate", PROMPT, "-c", "circle", "--dtype", "float8", "-o", "{out}"],
+        "error: --dtype must be one of",
+    ),
     ("out-is-a-file", ["generate", PROMPT, "-c", "circle", "-o", "{a_file}"], "error: --out {a_file} is a file"),
-    ("out-holds-other-files", ["generate", PROMPT, "-c", "circle", "-o", "{other_files}"], "error: already holds other files"),
-    ("disk-full", ["generate", PROMPT, "-c", "circle", "--steps", "2", "-o", "{out}"], "error: could not write the results to"),
-    ("read-only", ["generate", PROMPT, "-c", "circle", "--steps", "2", "-o", "{out}"], "error: could not write the results to"),
-    ("corrupt-weights", ["generate", PROMPT, "-c", "circle", "--model", "{bad_weights}", "-o", "{out}"],
-     "error: {bad_weights}/model.safetensors cannot be read as this model's weights"),
-    ("corrupt-config", ["generate", PROMPT, "-c", "circle", "--model", "{bad_config}", "-o", "{out}"],
-     "error: {bad_config}/config.json is not a valid shapes-model config"),
-    ("not-a-model", ["generate", PROMPT, "-c", "circle", "--model", "{tmp}/nowhere/deeper", "-o", "{out}"],
-     "error: --model"),
+    (
+        "out-holds-other-files",
+        ["generate", PROMPT, "-c", "circle", "-o", "{other_files}"],
+        "error: already holds other files",
+    ),
+    (
+        "disk-full",
+        ["generate", PROMPT, "-c", "circle", "--steps", "2", "-o", "{out}"],
+        "error: could not write the results to",
+    ),
+    (
+        "read-only",
+        ["generate", PROMPT, "-c", "circle", "--steps", "2", "-o", "{out}"],
+        "error: could not write the results to",
+    ),
+    (
+        "corrupt-weights",
+        ["generate", PROMPT, "-c", "circle", "--model", "{bad_weights}", "-o", "{out}"],
+        "error: {bad_weights}/model.safetensors cannot be read as this model's weights",
+    ),
+    (
+        "corrupt-config",
+        ["generate", PROMPT, "-c", "circle", "--model", "{bad_config}", "-o", "{out}"],
+        "error: {bad_config}/config.json is not a valid shapes-model config",
+    ),
+    (
+        "not-a-model",
+        ["generate", PROMPT, "-c", "circle", "--model", "{tmp}/nowhere/deeper", "-o", "{out}"],
+        "error: --model",
+    ),
     # poor messages, before
-    ("huge-prompt", ["generate", "purple " * 10000, "-c", "circle", "-o", "{out}"], "error: the shapes model does not know 'purple'"),
+    (
+        "huge-prompt",
+        ["generate", "purple " * 10000, "-c", "circle", "-o", "{out}"],
+        "error: the shapes model does not know 'purple'",
+    ),
     ("huge-valid-prompt", ["generate", "a red circle " * 5000, "-c", "circle", "-o", "{out}"], "error: "),
     ("image-is-a-directory", ["encode", "{tmp}", "-c", "circle", "-o", "{out}"], "error: is a directory"),
     ("image-missing", ["encode", "{tmp}/no.png", "-c", "circle", "-o", "{out}"], "error: image file not found"),
@@ -128,8 +201,13 @@ def test_cli_input_table(case, args, expected, tmp_path, capsys, monkeypatch):
     (tmp_path / "a_file.txt").write_text("not an image, not a folder")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("keep me")
-    names = {"out": out, "tmp": tmp_path, "a_file": tmp_path / "a_file.txt", "other_files": tmp_path / "other",
-             "earlier": tmp_path / "earlier"}
+    names = {
+        "out": out,
+        "tmp": tmp_path,
+        "a_file": tmp_path / "a_file.txt",
+        "other_files": tmp_path / "other",
+        "earlier": tmp_path / "earlier",
+    }
     if "{gray16}" in args:
         names["gray16"] = gray16(tmp_path)
     if case == "corrupt-weights":
@@ -158,7 +236,7 @@ def test_cli_input_table(case, args, expected, tmp_path, capsys, monkeypatch):
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert code == 2, (code, stderr)
         assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-        assert want[len("error: "):] in lines[0], (want, lines[0])
+        assert want[len("error: ") :] in lines[0], (want, lines[0])
         assert len(lines[0]) <= 400
         assert not out.exists() or not any(out.iterdir()), "an error left files in --out"
         assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name], "a half-written folder was left"
@@ -223,9 +301,26 @@ def test_an_interrupt_while_writing_keeps_the_earlier_result(tmp_path, capsys, m
 def test_a_generate_killed_mid_run_leaves_nothing_and_the_earlier_result_intact(sig, tmp_path, capsys):
     folder = tmp_path / "res"
     before = earlier_result(folder, capsys)
-    proc = subprocess.Popen([sys.executable, "-m", "conceptattention", "generate", PROMPT, "-c", "circle", "grass",
-                             "--steps", "1000", "-o", str(folder), "-q"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "conceptattention",
+            "generate",
+            PROMPT,
+            "-c",
+            "circle",
+            "grass",
+            "--steps",
+            "1000",
+            "-o",
+            str(folder),
+            "-q",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(8)  # imports and loading take about 3 s here; 1000 steps take a minute
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(sig)
@@ -244,9 +339,11 @@ def test_greedy_concepts_stop_at_the_next_option_or_double_dash():
 
 
 def test_help_and_version_import_no_torch():
-    probe = ("import sys; from conceptattention.cli import main\n"
-             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-             "print('torch' in sys.modules)")
+    probe = (
+        "import sys; from conceptattention.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
     for args in (["--help"], ["--version"], ["generate", "--help"], ["app", "--help"]):
         r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "False", (args, r.stdout, r.stderr)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import reference_maps
+from tiny_models import concepts, flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
 
 from conceptattention import READOUTS, ConceptAttention
-
-from conftest import concepts, flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
-from reference import reference_maps
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -16,16 +15,18 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def check_all(family, model, runs, embeds, layers, pooled="zero", grid=(3, 5), **session):
-    with torch.no_grad(), ConceptAttention(
-        model, embeds, layers=layers, readouts=list(READOUTS), concept_pooled=pooled, **session
-    ) as ca:
+    with (
+        torch.no_grad(),
+        ConceptAttention(model, embeds, layers=layers, readouts=list(READOUTS), concept_pooled=pooled, **session) as ca,
+    ):
         for inputs in runs:
             model(**inputs)
-    norm_layers = sorted({l % len(model.transformer_blocks) for l in layers})
+    norm_layers = sorted({layer % len(model.transformer_blocks) for layer in layers})
     counted = [c for i, c in enumerate(runs) if session.get("calls") is None or i in session["calls"]]
     for name, r in READOUTS.items():
-        expected = reference_maps(family, model, counted, embeds, norm_layers, r.stream, r.space, r.softmax, pooled,
-                                  r.concept_norm)
+        expected = reference_maps(
+            family, model, counted, embeds, norm_layers, r.stream, r.space, r.softmax, pooled, r.concept_norm
+        )
         actual = ca.token_maps(name)
         assert actual.shape == expected.shape
         assert rel_err(actual, expected) <= 1e-5, name

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import concepts, flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
 
 from conceptattention import READOUTS, ConceptAttention
-
-from conftest import concepts, flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import concepts, flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
 
-from conceptattention import ConceptAttention, READOUTS
-
-from conftest import concepts, flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
+from conceptattention import READOUTS, ConceptAttention
 
 ALL = list(READOUTS)
 
@@ -19,7 +18,9 @@ def test_output_bit_identical(family, dtype):
     inputs = (flux_inputs if family == "flux" else sd3_inputs)(batch=2, h=3, w=5, dtype=dtype)
     with torch.no_grad():
         plain = model(**inputs)[0]
-        with ConceptAttention(model, concepts(5), layers=list(range(len(model.transformer_blocks))), readouts=ALL) as ca:
+        with ConceptAttention(
+            model, concepts(5), layers=list(range(len(model.transformer_blocks))), readouts=ALL
+        ) as ca:
             hooked = model(**inputs)[0]
         after = model(**inputs)[0]
     assert torch.isfinite(plain).all()

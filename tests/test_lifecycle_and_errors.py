@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import TEXT_DIM, concepts, flux_inputs, hook_counts, processors, sd3_inputs, tiny_flux, tiny_sd3
 from torch import nn
 
 from conceptattention import ConceptAttention, ConceptAttentionError, Readout, UnsupportedModelError
-
-from conftest import TEXT_DIM, concepts, flux_inputs, hook_counts, processors, sd3_inputs, tiny_flux, tiny_sd3
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
@@ -116,15 +115,24 @@ def test_bad_layers(layers, match):
 
 
 def test_unsupported_transformer_names_the_supported_ones():
-    with pytest.raises(UnsupportedModelError, match="no ConceptAttention adapter for Linear.*FluxTransformer2DModel.*SD3Transformer2DModel"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match="no ConceptAttention adapter for Linear.*FluxTransformer2DModel.*SD3Transformer2DModel",
+    ):
         ConceptAttention(nn.Linear(2, 2), concepts(2))
     from diffusers import UNet2DModel
 
     with pytest.raises(UnsupportedModelError, match="UNet2DModel"):
-        ConceptAttention(UNet2DModel(
-        sample_size=8, block_out_channels=(8, 16), norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-    ), concepts(2))
+        ConceptAttention(
+            UNet2DModel(
+                sample_size=8,
+                block_out_channels=(8, 16),
+                norm_num_groups=4,
+                down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D"),
+            ),
+            concepts(2),
+        )
 
 
 def test_other_bad_arguments():
@@ -163,4 +171,4 @@ def test_default_layers_follow_the_paper_on_flux_depth():
     assert default_layers(19) == (14, 15, 16, 17)
     assert default_layers(1) == (0,)
     assert default_layers(3) == (2,)
-    assert all(0 <= l < n for n in range(1, 40) for l in default_layers(n))
+    assert all(0 <= layer < n for n in range(1, 40) for layer in default_layers(n))

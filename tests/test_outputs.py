@@ -30,8 +30,14 @@ def test_overlay_names_are_safe_distinct_and_avoid_reserved_files():
 def test_save_writes_every_file_for_awkward_concepts(tmp_path):
     concepts = ["sky", "image", "a/b", "a b"]
     maps = torch.rand(4, 48, 80).softmax(0)
-    result = ConceptResult(Image.new("RGB", (80, 48), "gray"), maps, torch.rand(4, 3, 5), concepts,
-                           {"model": "test"}, raw_token_maps=torch.randn(4, 3, 5))
+    result = ConceptResult(
+        Image.new("RGB", (80, 48), "gray"),
+        maps,
+        torch.rand(4, 3, 5),
+        concepts,
+        {"model": "test"},
+        raw_token_maps=torch.randn(4, 3, 5),
+    )
     written = result.save(tmp_path)
     info = json.loads((tmp_path / "result.json").read_text())
     for concept in concepts:
@@ -53,7 +59,7 @@ def test_segmentation_panel_is_solid_legend_colours_beside_the_image():
     assert (panel[:, :20] == colors[0]).all() and (panel[:, 20:40] == colors[1]).all()
     assert (panel[:, 40:] == colors[2]).all()
     for k, color in enumerate(colors):  # the legend: a solid swatch per concept, in the same colour
-        swatch = seg[6 + 20 * k + 1: 6 + 20 * k + 14, 128 + 7: 128 + 20]
+        swatch = seg[6 + 20 * k + 1 : 6 + 20 * k + 14, 128 + 7 : 128 + 20]
         assert (swatch == color).all(), k
 
 
@@ -85,10 +91,10 @@ def test_concept_grid_wraps_many_concepts_into_rows():
     rows = -(-201 // 8)  # the image and 200 overlays, 8 tiles a row
     assert many.size == (8 * (192 + 4), rows * (192 + 22))
     grid = np.asarray(many)
-    assert (grid[22:22 + 192, :192] == 128).all()  # the image first, top left
+    assert (grid[22 : 22 + 192, :192] == 128).all()  # the image first, top left
     last = 201 - 8 * (rows - 1)  # the last row holds one tile, the rest of it is blank
     x, y = last * (192 + 4), (rows - 1) * (192 + 22) + 22
-    assert not (grid[y:y + 192, :192] == 255).all() and (grid[y:, x:] == 255).all()
+    assert not (grid[y : y + 192, :192] == 255).all() and (grid[y:, x:] == 255).all()
     wide = concept_grid(Image.new("RGB", (128, 32)), torch.rand(9, 4, 16), list("abcdefghi"), columns=4)
     assert wide.size == (4 * (192 + 4), 3 * (48 + 22))  # aspect ratio kept, 10 tiles in rows of 4
 
@@ -99,10 +105,15 @@ def test_16_bit_and_float_images_keep_their_values(tmp_path):
     Image.fromarray(gradient).save(path)
     assert Image.open(path).mode == "I;16"  # a real 16-bit PNG
     expected = np.round(gradient / 257.0)
-    for source in (path, Image.open(path), gradient, torch.from_numpy(gradient.astype(np.int32)),
-                   Image.frombytes("I;16B", (48, 40), gradient.astype(">u2").tobytes()),
-                   Image.fromarray(gradient.astype(np.int32)),  # PIL mode "I" (32-bit) with 16-bit values
-                   Image.fromarray((gradient / 65535.0).astype(np.float32))):  # mode "F" in [0, 1]
+    for source in (
+        path,
+        Image.open(path),
+        gradient,
+        torch.from_numpy(gradient.astype(np.int32)),
+        Image.frombytes("I;16B", (48, 40), gradient.astype(">u2").tobytes()),
+        Image.fromarray(gradient.astype(np.int32)),  # PIL mode "I" (32-bit) with 16-bit values
+        Image.fromarray((gradient / 65535.0).astype(np.float32)),
+    ):  # mode "F" in [0, 1]
         rgb = np.asarray(open_image(source)).astype(int)
         assert rgb.shape == (40, 48, 3) and (rgb[..., 0] == rgb[..., 2]).all()
         assert np.abs(rgb[..., 0] - expected).max() <= 1, type(source)
@@ -183,8 +194,9 @@ def test_fit_square_center_crops_before_resizing():
 def test_raw_maps_are_the_scores_before_the_softmax():
     """With one layer read, the saliency is exactly the softmax over concepts of the raw scores."""
     pipe = load_pipeline("shapes")
-    res = pipe.encode(torch.rand(3, 64, 64), ["circle", "square", "sky"], caption="a red circle in the sky",
-                      layers=[4], samples=1)
+    res = pipe.encode(
+        torch.rand(3, 64, 64), ["circle", "square", "sky"], caption="a red circle in the sky", layers=[4], samples=1
+    )
     grid = pipe.model.grid  # tokens per side of the shipped model (16 at 4x4 patches)
     assert res.raw_token_maps.shape == res.token_maps.shape == (3, grid, grid)
     torch.testing.assert_close(res.raw_token_maps.softmax(0), res.token_maps, rtol=1e-5, atol=1e-6)
@@ -194,8 +206,9 @@ def _bar_and_overlay(cmap):
     """overlay_with_colorbar of a left-to-right ramp over a gray 64x64 image: its colour bar ``[64, 16, 3]``
     (y 26.., x 72..) and its overlay ``[64, 64, 3]`` (y 26.., x 0..), as ints."""
     ramp = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (64, 1))
-    canvas = np.asarray(overlay_with_colorbar(Image.new("RGB", (64, 64), (128, 128, 128)), ramp, "x", longer=64,
-                                              cmap=cmap)).astype(int)
+    canvas = np.asarray(
+        overlay_with_colorbar(Image.new("RGB", (64, 64), (128, 128, 128)), ramp, "x", longer=64, cmap=cmap)
+    ).astype(int)
     return canvas[26:90, 72:88], canvas[26:90, :64]
 
 
@@ -227,7 +240,8 @@ def test_colour_bar_without_matplotlib_is_the_five_point_ramp(monkeypatch):
     anchors = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
     try:
         bar = _check_bar_and_overlay(
-            None, lambda v: np.stack([np.interp(v, np.linspace(0, 1, 5), anchors[:, c]) for c in range(3)], -1))
+            None, lambda v: np.stack([np.interp(v, np.linspace(0, 1, 5), anchors[:, c]) for c in range(3)], -1)
+        )
     finally:
         viz._colormap.cache_clear()
     assert bar[0, 0].tolist() == [253, 231, 37] and bar[-1, 0].tolist() == [68, 1, 84]

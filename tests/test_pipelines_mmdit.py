@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
 from conceptattention import ConceptAttention, ConceptAttentionError
 from conceptattention.pipelines import load_pipeline
 from conceptattention.pipelines.mmdit import MMDiTPipeline
-
-from tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +36,15 @@ GEN = dict(height=32, width=48, steps=3)
 def test_generate_image_is_the_plain_pipelines(family, guidance, flux, sd3):
     p = flux if family == "flux" else sd3
     res = p.generate("a dog on grass", ["dog", "grass", "sky"], guidance=guidance, seed=7, **GEN)
-    plain = p.pipe("a dog on grass", height=32, width=48, num_inference_steps=3, guidance_scale=guidance,
-                   generator=torch.Generator().manual_seed(7), output_type="pil").images[0]
+    plain = p.pipe(
+        "a dog on grass",
+        height=32,
+        width=48,
+        num_inference_steps=3,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(7),
+        output_type="pil",
+    ).images[0]
     assert np.array_equal(np.asarray(res.image), np.asarray(plain))
     assert res.maps.shape == (3, 32, 48)  # image resolution, non-square
     # 32x48 px -> 16x24 latents (VAE /2) -> Flux packs 2x2 latents per token; this SD3 has patch 1
@@ -51,8 +57,14 @@ def test_generate_image_is_the_plain_pipelines(family, guidance, flux, sd3):
 def test_sd3_cfg_maps_come_from_the_conditional_half(sd3):
     embeds = sd3.encode_concepts(["dog", "sky"])
     with ConceptAttention(sd3.transformer, embeds, layers=list(sd3.default_layers)) as ca:
-        sd3.pipe("a dog", height=32, width=48, num_inference_steps=2, guidance_scale=3.0,
-                 generator=torch.Generator().manual_seed(3))
+        sd3.pipe(
+            "a dog",
+            height=32,
+            width=48,
+            num_inference_steps=2,
+            guidance_scale=3.0,
+            generator=torch.Generator().manual_seed(3),
+        )
     both = ca.maps()
     assert both.shape[0] == 2
     res = sd3.generate("a dog", ["dog", "sky"], guidance=3.0, seed=3, height=32, width=48, steps=2)
@@ -152,8 +164,11 @@ def test_bad_images_and_conversions(flux, tmp_path):
 def test_unknown_model_offline_says_how_to_get_weights(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(ConceptAttentionError, match="could not load the hub model 'someone/no-such-model'.*`hf download "
-                       "someone/no-such-model --local-dir DIR`"):
+    with pytest.raises(
+        ConceptAttentionError,
+        match="could not load the hub model 'someone/no-such-model'.*`hf download "
+        "someone/no-such-model --local-dir DIR`",
+    ):
         load_pipeline("someone/no-such-model")
 
 
@@ -184,18 +199,64 @@ def test_cli_runs_a_local_flux_directory(tmp_path):
     tiny_flux_pipeline().save_pretrained(tmp_path / "tiny-flux")
     runner = CliRunner()
     out = tmp_path / "gen"
-    r = runner.invoke(app, ["generate", "a dog on grass", "--concepts", "dog", "grass", "--model",
-                            str(tmp_path / "tiny-flux"), "--height", "32", "--width", "48", "--steps", "2",
-                            "--out", str(out), "--quiet"])
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "a dog on grass",
+            "--concepts",
+            "dog",
+            "grass",
+            "--model",
+            str(tmp_path / "tiny-flux"),
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     maps = np.load(out / "maps.npy")
     assert maps.shape == (2, 32, 48) and maps.dtype == np.float32
     assert Image.open(out / "image.png").size == (48, 32)
-    r = runner.invoke(app, ["encode", str(out / "image.png"), "--concepts", "dog", "--caption", "a dog",
-                            "--model", str(tmp_path / "tiny-flux"), "--size", "48x32", "--samples", "2",
-                            "--out", str(tmp_path / "enc"), "--quiet"])
+    r = runner.invoke(
+        app,
+        [
+            "encode",
+            str(out / "image.png"),
+            "--concepts",
+            "dog",
+            "--caption",
+            "a dog",
+            "--model",
+            str(tmp_path / "tiny-flux"),
+            "--size",
+            "48x32",
+            "--samples",
+            "2",
+            "--out",
+            str(tmp_path / "enc"),
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "enc" / "maps.npy").shape == (1, 32, 48)
-    r = runner.invoke(app, ["encode", str(out / "image.png"), "--concepts", "dog", "--model",
-                            str(tmp_path / "tiny-flux"), "--size", "big"])
+    r = runner.invoke(
+        app,
+        [
+            "encode",
+            str(out / "image.png"),
+            "--concepts",
+            "dog",
+            "--model",
+            str(tmp_path / "tiny-flux"),
+            "--size",
+            "big",
+        ],
+    )
     assert r.exit_code == 2 and "--size must look like 1024x768" in r.output

@@ -27,8 +27,9 @@ def made_result() -> ConceptResult:
     maps = torch.stack([torch.full((H, W), float(k)) + torch.rand(H, W, generator=g) for k in range(4)])
     token_maps = torch.stack([torch.full((h, w), 10.0 * k) + torch.rand(h, w, generator=g) for k in range(4)])
     image = Image.fromarray((np.arange(H * W * 3).reshape(H, W, 3) % 251).astype(np.uint8))
-    return ConceptResult(image=image, maps=maps, token_maps=token_maps, concepts=list(CONCEPTS),
-                         settings={"model": "made-up"})
+    return ConceptResult(
+        image=image, maps=maps, token_maps=token_maps, concepts=list(CONCEPTS), settings={"model": "made-up"}
+    )
 
 
 @pytest.fixture
@@ -86,10 +87,12 @@ def test_indexing_a_generated_result():
 def test_repr_is_short_and_shows_no_tensors():
     result = made_result()
     text = repr(result)
-    assert text == ("ConceptResult(concepts=['zebra', 'apple', 'mango', 'kiwi'], image=40x24, token_grid=3x5, "
-                    "model='made-up')")
-    many = ConceptResult(Image.new("RGB", (8, 8)), torch.rand(30, 8, 8), torch.rand(30, 2, 2),
-                         [f"concept {k}" for k in range(30)])
+    assert text == (
+        "ConceptResult(concepts=['zebra', 'apple', 'mango', 'kiwi'], image=40x24, token_grid=3x5, model='made-up')"
+    )
+    many = ConceptResult(
+        Image.new("RGB", (8, 8)), torch.rand(30, 8, 8), torch.rand(30, 2, 2), [f"concept {k}" for k in range(30)]
+    )
     text = repr(many)
     assert "(30 concepts)" in text and "'concept 29'" in text and "'concept 12'" not in text
     assert "tensor" not in text and len(text) < 200 and "model=None" in text

@@ -19,8 +19,14 @@ __version__ = "0.2.0"  # the package version (pyproject.toml reads it from here)
 
 # Where each public name lives; imported on first use, so `conceptattention --help` needs no torch.
 _LAZY = {
-    "ADAPTERS": "adapters", "FluxAdapter": "adapters", "MMDiTAdapter": "adapters", "SD3Adapter": "adapters",
-    "get_adapter": "adapters", "ConceptAttention": "core", "default_layers": "core", "READOUTS": "readouts",
+    "ADAPTERS": "adapters",
+    "FluxAdapter": "adapters",
+    "MMDiTAdapter": "adapters",
+    "SD3Adapter": "adapters",
+    "get_adapter": "adapters",
+    "ConceptAttention": "core",
+    "default_layers": "core",
+    "READOUTS": "readouts",
     "Readout": "readouts",
 }
 

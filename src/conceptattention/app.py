@@ -27,9 +27,10 @@ import threading
 import weakref
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ConceptAttentionError
 
@@ -203,8 +204,9 @@ class PipelineCache:
     """The launch model (always kept) and, with model choice, the most recently used others, at most
     ``capacity`` in all. A pipeline dropped from the cache lives on for the requests still using it."""
 
-    def __init__(self, model: str, device: str, capacity: int = MAX_LOADED,
-                 loader: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self, model: str, device: str, capacity: int = MAX_LOADED, loader: Callable[..., Any] | None = None
+    ) -> None:
         self.launch = _model_key(model)
         self.device = device
         self.capacity = max(1, capacity)
@@ -257,9 +259,15 @@ class AppHandlers:
     """What the page's buttons call (usable without a browser): validation, the pipeline's lock, the
     request's files, and one readable ``gr.Error`` for every failure."""
 
-    def __init__(self, model: str = "shapes", device: str = "cpu", allow_model_choice: bool = False,
-                 keep: int = KEEP_REQUESTS, capacity: int = MAX_LOADED,
-                 loader: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: str = "shapes",
+        device: str = "cpu",
+        allow_model_choice: bool = False,
+        keep: int = KEEP_REQUESTS,
+        capacity: int = MAX_LOADED,
+        loader: Callable[..., Any] | None = None,
+    ) -> None:
         self.model = _model_key(model)
         self.display = _display_name(model)
         self.allow_model_choice = allow_model_choice
@@ -274,7 +282,9 @@ class AppHandlers:
                 return self.pipelines.get(None), self.display
             except Exception:
                 log.exception("could not load the launch model %r", self.model)
-                raise ConceptAttentionError("could not load this server's model; the server log has the details")
+                raise ConceptAttentionError(
+                    "could not load this server's model; the server log has the details"
+                ) from None
         if len(chosen) > NAME_MAX:
             raise ConceptAttentionError(f"model names have at most {NAME_MAX} characters")
         try:
@@ -302,9 +312,11 @@ class AppHandlers:
         result.settings["model"] = shown_name  # result.json names no server path
         return _outputs(result, self.folders.new())
 
-    def generate(self, prompt: Any, concepts: Any, steps: Any = 20, seed: Any = 0,
-                 model_name: Any = None) -> tuple[Any, list, Any, str]:
+    def generate(
+        self, prompt: Any, concepts: Any, steps: Any = 20, seed: Any = 0, model_name: Any = None
+    ) -> tuple[Any, list, Any, str]:
         """Text -> (image, overlays, segmentation, zip path); errors are ``gr.Error``."""
+
         def work():
             text = _text(prompt, "the prompt")
             words = _words(concepts)
@@ -317,9 +329,11 @@ class AppHandlers:
 
         return self._run("generate", work)
 
-    def encode(self, image: Any, caption: Any, concepts: Any, t: Any = 0.5, samples: Any = 4,
-               model_name: Any = None) -> tuple[Any, list, Any, str]:
+    def encode(
+        self, image: Any, caption: Any, concepts: Any, t: Any = 0.5, samples: Any = 4, model_name: Any = None
+    ) -> tuple[Any, list, Any, str]:
         """An image -> (image, overlays, segmentation, zip path); errors are ``gr.Error``."""
+
         def work():
             if image is None:
                 raise ConceptAttentionError("upload an image first")
@@ -352,14 +366,20 @@ def build_app(model: str = "shapes", device: str = "cpu", allow_model_choice: bo
     handlers = AppHandlers(model, device, allow_model_choice)
 
     with gr.Blocks(title="ConceptAttention", delete_cache=GRADIO_CACHE) as page:
-        gr.Markdown("# ConceptAttention\nWhere does each word live in the image? Maps from the diffusion "
-                    "transformer's own attention outputs (Helbling et al., ICML 2025). The built-in `shapes` "
-                    "model knows: circle square triangle, red green blue yellow, gray grass sky background.")
+        gr.Markdown(
+            "# ConceptAttention\nWhere does each word live in the image? Maps from the diffusion "
+            "transformer's own attention outputs (Helbling et al., ICML 2025). The built-in `shapes` "
+            "model knows: circle square triangle, red green blue yellow, gray grass sky background."
+        )
         shown = handlers.display.replace("`", "'")
         if allow_model_choice:
-            model_box = gr.Textbox(value=handlers.display, label="model", elem_id="model",
-                                   info=f"'shapes' or a model this server has (FLUX.1 / SD3 diffusers id, "
-                                   f"train-shapes folder); blank: the server's model, {shown}")
+            model_box = gr.Textbox(
+                value=handlers.display,
+                label="model",
+                elem_id="model",
+                info=f"'shapes' or a model this server has (FLUX.1 / SD3 diffusers id, "
+                f"train-shapes folder); blank: the server's model, {shown}",
+            )
         else:
             model_box = None
             gr.Markdown(f"model: `{shown}`", elem_id="model-name")
@@ -385,6 +405,7 @@ def build_app(model: str = "shapes", device: str = "cpu", allow_model_choice: bo
         download = gr.File(label="maps.npy, maps_raw.npy, result.json and pictures (zip)", elem_id="download")
         outputs = [image_out, overlays, segmentation, download]
         if model_box is None:
+
             def run_generate(prompt, concepts, steps, seed):
                 return handlers.generate(prompt, concepts, steps, seed)
 
@@ -394,6 +415,7 @@ def build_app(model: str = "shapes", device: str = "cpu", allow_model_choice: bo
             gen_inputs = [prompt, gen_concepts, steps, seed]
             enc_inputs = [image_in, caption, enc_concepts, t, samples]
         else:
+
             def run_generate(model_name, prompt, concepts, steps, seed):
                 return handlers.generate(prompt, concepts, steps, seed, model_name=model_name)
 
@@ -418,8 +440,16 @@ def build_app(model: str = "shapes", device: str = "cpu", allow_model_choice: bo
     return page
 
 
-def launch(model: str = "shapes", device: str = "cpu", host: str = "127.0.0.1", port: int = 7860,
-           share: bool = False, block: bool = True, *, allow_model_choice: bool = False) -> Any:
+def launch(
+    model: str = "shapes",
+    device: str = "cpu",
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    block: bool = True,
+    *,
+    allow_model_choice: bool = False,
+) -> Any:
     """Build and serve the page; returns the Gradio app (non-blocking when ``block`` is False).
 
     The launch model is loaded before serving. ``allow_model_choice`` gives the page a model box
@@ -435,7 +465,8 @@ def launch(model: str = "shapes", device: str = "cpu", host: str = "127.0.0.1", 
         raise ConceptAttentionError(f"could not load model {model!r}: {type(err).__name__}: {err}") from err
     try:
         page.queue(default_concurrency_limit=CONCURRENCY).launch(
-            server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=True)
+            server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=True
+        )
     except BaseException:
         page.close()
         raise

@@ -14,7 +14,8 @@ from __future__ import annotations
 import inspect
 import math
 import weakref
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from .readouts import STREAMS, Readout, layer_scores, resolve_readouts, stream_m
 
 __all__ = ["ConceptAttention", "default_layers"]
 
-_ATTACHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_ATTACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class _StopForward(Exception):
@@ -119,9 +120,7 @@ class ConceptAttention:
                 f"concept_embeds must be a torch.Tensor [K, D] or [B, K, D], not {type(embeds).__name__}"
             )
         if embeds.ndim not in (2, 3):
-            raise ConceptAttentionError(
-                f"concept_embeds must be [K, D] or [B, K, D]; got shape {tuple(embeds.shape)}"
-            )
+            raise ConceptAttentionError(f"concept_embeds must be [K, D] or [B, K, D]; got shape {tuple(embeds.shape)}")
         if embeds.shape[-2] == 0:
             raise ConceptAttentionError("the concept list is empty: give at least one concept")
         width = self.adapter.text_dim(self.transformer)
@@ -192,7 +191,7 @@ class ConceptAttention:
         self._in_time_embed = False
 
     # ----- attach / detach ----------------------------------------------------------------------------
-    def attach(self) -> "ConceptAttention":
+    def attach(self) -> ConceptAttention:
         """Register the hooks. Prefer ``with ConceptAttention(...)``, which always detaches."""
         if self._attached:
             raise ConceptAttentionError("this ConceptAttention is already attached")
@@ -218,7 +217,7 @@ class ConceptAttention:
         self._attached = False
         self._clear_call_state()
 
-    def __enter__(self) -> "ConceptAttention":
+    def __enter__(self) -> ConceptAttention:
         return self.attach()
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -232,9 +231,7 @@ class ConceptAttention:
         t, adapter = self.transformer, self.adapter
         self._handles.append(t.register_forward_pre_hook(self._on_call_start, with_kwargs=True))
         self._handles.append(t.register_forward_hook(self._on_call_end, always_call=True))
-        self._handles.append(
-            adapter.time_embedder(t).register_forward_hook(self._on_time_embed, with_kwargs=True)
-        )
+        self._handles.append(adapter.time_embedder(t).register_forward_hook(self._on_time_embed, with_kwargs=True))
         rope = adapter.rope_module(t)
         if rope is not None:
             self._handles.append(rope.register_forward_hook(self._on_rope))

@@ -116,12 +116,16 @@ class PromptAttention:
     def _accumulate(self, index: int) -> None:
         query, key = self._capture.get("image_query"), self._capture.get("prompt_key")  # [B, N|S, H, Dh]
         if query is None or key is None:
-            raise ConceptAttentionError(f"block {index} did not expose its image queries and prompt keys; the "
-                                        f"{self.adapter.name} adapter does not match this transformer")
+            raise ConceptAttentionError(
+                f"block {index} did not expose its image queries and prompt keys; the "
+                f"{self.adapter.name} adapter does not match this transformer"
+            )
         if self._rope is not None:
             if self._tables is None:  # once per call, shared by the layers
-                self._tables = (self.adapter.image_rope(self._rope, query.shape[1], query.dtype),
-                                self.adapter.text_rope(self._rope, key.shape[1], key.dtype))
+                self._tables = (
+                    self.adapter.image_rope(self._rope, query.shape[1], query.dtype),
+                    self.adapter.text_rope(self._rope, key.shape[1], key.dtype),
+                )
             image_rope, text_rope = self._tables
             query = self.adapter.apply_rope(query, image_rope)
             if text_rope is not None:

@@ -21,8 +21,9 @@ Maps are the mean over the chosen layers and transformer calls of those per-laye
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import torch
 

@@ -15,9 +15,7 @@ from .errors import ConceptAttentionError
 
 # A perceptually ordered dark-blue -> yellow ramp (viridis-like anchor points): the colour map when matplotlib
 # is not installed.
-_RAMP = np.array(
-    [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32
-)
+_RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float32)
 
 #: The colour map of every heat map unless one is named.
 DEFAULT_CMAP = "viridis"
@@ -36,7 +34,8 @@ def _colormap(name: str):
     except (KeyError, ValueError):
         raise ConceptAttentionError(
             f"unknown colour map {name!r}; give one of matplotlib's, such as viridis, magma, inferno, plasma, "
-            "cividis, turbo or gray (list(matplotlib.colormaps) has them all)") from None
+            "cividis, turbo or gray (list(matplotlib.colormaps) has them all)"
+        ) from None
     cmap(np.zeros(1))  # build its lookup table now, not lazily in a later (maybe concurrent) call
     return cmap
 
@@ -63,7 +62,8 @@ def colorize(values: np.ndarray, cmap: str | None = None) -> np.ndarray:
             if name != DEFAULT_CMAP:
                 raise ConceptAttentionError(
                     f'the colour map {name!r} needs matplotlib: pip install "conceptattention[plot]" '
-                    f"(without it only the default, {DEFAULT_CMAP}, is available)")
+                    f"(without it only the default, {DEFAULT_CMAP}, is available)"
+                )
             return _ramp(values)
     v = np.asarray(values)
     v = np.clip(v if v.dtype.kind == "f" else v.astype(np.float32), 0.0, 1.0)  # integers are values, not indices
@@ -77,8 +77,9 @@ def normalise(m: torch.Tensor | np.ndarray) -> np.ndarray:
     return (a - a.min()) / span if span > 0 else np.zeros_like(a)
 
 
-def overlay(image: Image.Image, saliency: torch.Tensor | np.ndarray, alpha: float = 0.55,
-            cmap: str | None = None) -> Image.Image:
+def overlay(
+    image: Image.Image, saliency: torch.Tensor | np.ndarray, alpha: float = 0.55, cmap: str | None = None
+) -> Image.Image:
     """The image blended with its saliency heat map (map resized to the image if needed)."""
     heat = colorize(normalise(saliency), cmap)
     heat_img = Image.fromarray(heat).resize(image.size, Image.BILINEAR)
@@ -104,8 +105,9 @@ def _font(size: int = 14) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def overlay_with_colorbar(image: Image.Image, saliency: torch.Tensor | np.ndarray, label: str,
-                          longer: int = 384, cmap: str | None = None) -> Image.Image:
+def overlay_with_colorbar(
+    image: Image.Image, saliency: torch.Tensor | np.ndarray, label: str, longer: int = 384, cmap: str | None = None
+) -> Image.Image:
     """A titled overlay of one concept's map with a colour bar giving the map's value range (both in the
     colour map ``cmap``, see :func:`colorize`)."""
     a = saliency.detach().float().cpu().numpy() if isinstance(saliency, torch.Tensor) else np.asarray(saliency)
@@ -126,9 +128,26 @@ def overlay_with_colorbar(image: Image.Image, saliency: torch.Tensor | np.ndarra
 
 
 # Distinct, colour-blind-friendly colours for segmentation labels (Okabe-Ito, then Tableau).
-_PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
-            (204, 121, 167), (0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
-            (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+_PALETTE = [
+    (230, 159, 0),
+    (86, 180, 233),
+    (0, 158, 115),
+    (240, 228, 66),
+    (0, 114, 178),
+    (213, 94, 0),
+    (204, 121, 167),
+    (0, 0, 0),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 # Beyond the palette: hues spaced by the golden ratio, cycling through these (saturation, value) bands so that
 # neighbouring hues also differ in brightness.
 _BANDS = [(0.85, 0.95), (0.65, 0.6), (0.45, 0.85), (0.95, 0.45)]
@@ -191,8 +210,9 @@ def segmentation(image: Image.Image, maps: torch.Tensor, concepts: list[str], lo
     lines = [f"{concept}  {100 * share[k]:.0f}%" for k, concept in enumerate(concepts)]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     left = 2 * size[0] + gap  # where the legend starts
-    canvas = Image.new("RGB", (left + _legend_width(measure, lines, font), max(size[1], row * len(concepts) + 8)),
-                       "white")
+    canvas = Image.new(
+        "RGB", (left + _legend_width(measure, lines, font), max(size[1], row * len(concepts) + 8)), "white"
+    )
     canvas.paste(image.convert("RGB").resize(size, Image.NEAREST), (0, 0))
     canvas.paste(seg, (size[0] + gap, 0))
     draw = ImageDraw.Draw(canvas)
@@ -209,7 +229,7 @@ def _clipped(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     "a very long concept 12" -> "a very…ept 12")."""
     if draw.textlength(text, font=font) <= width:
         return text
-    head, tail = text[: (len(text) + 1) // 2], text[(len(text) + 1) // 2:]
+    head, tail = text[: (len(text) + 1) // 2], text[(len(text) + 1) // 2 :]
     while head or tail:
         if len(head) >= len(tail):
             head = head[:-1]
@@ -220,8 +240,14 @@ def _clipped(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     return head + "…" + tail
 
 
-def concept_grid(image: Image.Image, maps: torch.Tensor, concepts: list[str], cell: int = 192,
-                 columns: int = 8, cmap: str | None = None) -> Image.Image:
+def concept_grid(
+    image: Image.Image,
+    maps: torch.Tensor,
+    concepts: list[str],
+    cell: int = 192,
+    columns: int = 8,
+    cmap: str | None = None,
+) -> Image.Image:
     """The image, then one labelled overlay per concept (aspect ratio kept), in rows of at most ``columns``
     tiles: a few concepts make one row, many wrap into more rows instead of an ever wider picture.
     ``cmap``: the heat maps' colour map (see :func:`colorize`)."""

@@ -32,7 +32,9 @@ def open_image(source: Any) -> Image.Image:
                 img.load()
                 return _to_rgb(ImageOps.exif_transpose(img))  # a phone photo's rotation tag is applied
         except (UnidentifiedImageError, OSError) as err:
-            raise ConceptAttentionError(f"cannot read {path} as an image ({err}); give a PNG, JPEG or WebP file") from None
+            raise ConceptAttentionError(
+                f"cannot read {path} as an image ({err}); give a PNG, JPEG or WebP file"
+            ) from None
     if isinstance(source, Image.Image):
         return _to_rgb(source)
     if isinstance(source, (torch.Tensor, np.ndarray)):
@@ -42,9 +44,13 @@ def open_image(source: Any) -> Image.Image:
         if array.ndim == 2:
             array = array[..., None]
         if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-            raise ConceptAttentionError(f"an image array must be [H, W], [H, W, C] or [C, H, W]; got {tuple(source.shape)}")
+            raise ConceptAttentionError(
+                f"an image array must be [H, W], [H, W, C] or [C, H, W]; got {tuple(source.shape)}"
+            )
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_) or np.iscomplexobj(array):
-            raise ConceptAttentionError(f"an image array holds numbers, not {array.dtype}; give floats in [0, 1] or uint8")
+            raise ConceptAttentionError(
+                f"an image array holds numbers, not {array.dtype}; give floats in [0, 1] or uint8"
+            )
         array = to_uint8(array)
         mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[-1]]
         return _to_rgb(Image.fromarray(np.ascontiguousarray(array[..., 0] if mode == "L" else array), mode))
@@ -98,8 +104,11 @@ def _has_transparency(img: Image.Image) -> bool:
     known = getattr(img, "has_transparency_data", None)  # Pillow >= 10.1
     if known is not None:
         return bool(known)
-    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info or (
-        img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA")
+    return (
+        img.mode in ("RGBA", "LA", "PA", "RGBa", "La")
+        or "transparency" in img.info
+        or (img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA")
+    )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -107,7 +116,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     transparency (alpha, a palette's or a colour key's) composited on white; every other mode by PIL's
     conversion (CMYK, YCbCr, LAB, HSV, 1-bit, palettes...)."""
     if img.width < 2 or img.height < 2:
-        raise ConceptAttentionError(f"the image is {img.width}x{img.height} pixels; give one at least 2x2 (ideally the model's size)")
+        raise ConceptAttentionError(
+            f"the image is {img.width}x{img.height} pixels; give one at least 2x2 (ideally the model's size)"
+        )
     if img.mode.startswith("I") or img.mode == "F":  # one channel of 16 or 32 bits: PIL's convert would clip
         return Image.fromarray(to_uint8(np.asarray(img)), "L").convert("RGB")
     if img.mode == "La":  # premultiplied alpha: PIL converts it to LA only
@@ -149,8 +160,9 @@ def fit_square(source: Any, side: int) -> tuple[torch.Tensor, str]:
 def noise_samples(shape: tuple[int, ...], samples: int, seed: int) -> torch.Tensor:
     """``[samples, *shape]`` standard normal noise; draw i comes from seed + i alone (CPU generator),
     so S batched draws are exactly the draws of S single runs with seeds seed .. seed + S - 1."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + i))
-                        for i in range(samples)])
+    return torch.stack(
+        [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + i)) for i in range(samples)]
+    )
 
 
 def batch_seeds(images: Any, captions: Any, seeds: Any) -> list[int]:

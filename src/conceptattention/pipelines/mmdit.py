@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,9 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
 
 
-def load_diffusers(model: str, *, torch_dtype: torch.dtype | None = None, device: str | None = None,
-                   offload: str | None = None) -> Any:
+def load_diffusers(
+    model: str, *, torch_dtype: torch.dtype | None = None, device: str | None = None, offload: str | None = None
+) -> Any:
     """A diffusers pipeline from a hub id or local directory, with one clear error when unavailable."""
     from diffusers import DiffusionPipeline
 
@@ -106,7 +108,7 @@ class MMDiTPipeline:
         self.name = name or getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
 
     @classmethod
-    def from_pretrained(cls, model: str, **kwargs: Any) -> "MMDiTPipeline":
+    def from_pretrained(cls, model: str, **kwargs: Any) -> MMDiTPipeline:
         return cls(load_diffusers(model, **kwargs), name=model)
 
     # ----- settings ---------------------------------------------------------------------------------
@@ -143,7 +145,9 @@ class MMDiTPipeline:
         return (self.pipe.tokenizer_2 if self.family == "flux" else self.pipe.tokenizer_3), 0
 
     @torch.no_grad()
-    def encode_concepts(self, concepts: Sequence[str], concept_tokens: str = "first", max_length: int = 256) -> torch.Tensor:
+    def encode_concepts(
+        self, concepts: Sequence[str], concept_tokens: str = "first", max_length: int = 256
+    ) -> torch.Tensor:
         """One embedding per concept ``[K, joint_attention_dim]``, each concept encoded on its own."""
         words = distinct_concepts(concepts)
         if concept_tokens not in ("first", "mean"):
@@ -157,7 +161,9 @@ class MMDiTPipeline:
         if many and concept_tokens == "first":
             warnings.warn(
                 f"concepts {many} are several tokens; only the first token is used (the paper's choice). "
-                "Pass concept_tokens='mean' to average over each word's tokens.", stacklevel=2)
+                "Pass concept_tokens='mean' to average over each word's tokens.",
+                stacklevel=2,
+            )
         embeds = self._token_states(words, max_length)  # [K, L, D]
         rows = []
         for k, n in enumerate(counts):
@@ -201,8 +207,12 @@ class MMDiTPipeline:
         self.pipe.set_progress_bar_config(disable=not progress)
         embeds = self.encode_concepts(concepts, concept_tokens)
         kwargs: dict[str, Any] = dict(pipeline_kwargs)
-        for key, value in (("height", height), ("width", width), ("num_inference_steps", steps),
-                           ("guidance_scale", guidance)):
+        for key, value in (
+            ("height", height),
+            ("width", width),
+            ("num_inference_steps", steps),
+            ("guidance_scale", guidance),
+        ):
             if value is not None:
                 kwargs[key] = value
         generator = torch.Generator(device="cpu").manual_seed(check_seed(seed))
@@ -212,11 +222,21 @@ class MMDiTPipeline:
         session = self._session(embeds, layers, with_raw(readouts), calls=calls)
         with session:
             image = self.pipe(prompt, generator=generator, output_type="pil", **kwargs).images[0]
-        settings = {"model": self.name, "family": self.family, "mode": "generate", "prompt": prompt, "seed": seed,
-                    "steps": steps_taken, "guidance": kwargs.get("guidance_scale"), "layers": list(session.layers),
-                    "map_steps": list(map_steps) if map_steps is not None else None, "concept_tokens": concept_tokens,
-                    "size": list(image.size), "readout": list(readouts)[0],
-                    "seconds": round(time.perf_counter() - began, 3)}
+        settings = {
+            "model": self.name,
+            "family": self.family,
+            "mode": "generate",
+            "prompt": prompt,
+            "seed": seed,
+            "steps": steps_taken,
+            "guidance": kwargs.get("guidance_scale"),
+            "layers": list(session.layers),
+            "map_steps": list(map_steps) if map_steps is not None else None,
+            "concept_tokens": concept_tokens,
+            "size": list(image.size),
+            "readout": list(readouts)[0],
+            "seconds": round(time.perf_counter() - began, 3),
+        }
         # SD3 with guidance > 1 batches [unconditional, conditional]: the last item is the prompt's
         return result_from_session(image, session, list(concepts), settings, batch_index=-1)
 
@@ -260,31 +280,80 @@ class MMDiTPipeline:
         check_seed(seed)
         began = time.perf_counter()
         embeds = self.encode_concepts(concepts, concept_tokens, max_sequence_length)
-        pixels, maps, (width, height) = self._encode_one(image, embeds, caption, t=t, samples=samples, seed=seed,
-                                                         size=size, layers=layers, readouts=with_raw(readouts),
-                                                         guidance=guidance, max_sequence_length=max_sequence_length)
-        settings = {"model": self.name, "family": self.family, "mode": "encode", "caption": caption, "t": t,
-                    "samples": samples, "seed": seed, "size": [width, height],
-                    "layers": list(layers) if layers else list(self.default_layers),
-                    "concept_tokens": concept_tokens, "readout": list(readouts)[0],
-                    "seconds": round(time.perf_counter() - began, 3)}
+        pixels, maps, (width, height) = self._encode_one(
+            image,
+            embeds,
+            caption,
+            t=t,
+            samples=samples,
+            seed=seed,
+            size=size,
+            layers=layers,
+            readouts=with_raw(readouts),
+            guidance=guidance,
+            max_sequence_length=max_sequence_length,
+        )
+        settings = {
+            "model": self.name,
+            "family": self.family,
+            "mode": "encode",
+            "caption": caption,
+            "t": t,
+            "samples": samples,
+            "seed": seed,
+            "size": [width, height],
+            "layers": list(layers) if layers else list(self.default_layers),
+            "concept_tokens": concept_tokens,
+            "readout": list(readouts)[0],
+            "seconds": round(time.perf_counter() - began, 3),
+        }
         from .shapes import to_pil
 
         return result_from_maps(to_pil(pixels), maps, list(concepts), settings)
 
-    def _encode_one(self, image: Any, embeds: torch.Tensor, caption: str, *, t: float, samples: int, seed: int,
-                    size: tuple[int, int] | None, layers: Sequence[int] | None, readouts: Sequence[str],
-                    guidance: float, max_sequence_length: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[int, int]]:
+    def _encode_one(
+        self,
+        image: Any,
+        embeds: torch.Tensor,
+        caption: str,
+        *,
+        t: float,
+        samples: int,
+        seed: int,
+        size: tuple[int, int] | None,
+        layers: Sequence[int] | None,
+        readouts: Sequence[str],
+        guidance: float,
+        max_sequence_length: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[int, int]]:
         """One image's pixels, ``{readout: [K, h, w]}`` maps (mean over noise draws) and its (W, H)."""
-        pixels, inputs, size = self._noisy_inputs(image, caption, t=t, samples=samples, seed=seed, size=size,
-                                                  guidance=guidance, max_sequence_length=max_sequence_length)
+        pixels, inputs, size = self._noisy_inputs(
+            image,
+            caption,
+            t=t,
+            samples=samples,
+            seed=seed,
+            size=size,
+            guidance=guidance,
+            max_sequence_length=max_sequence_length,
+        )
         with self._session(embeds, layers, readouts) as session:
             session.forward_until_last_layer(**inputs)
         maps = {name: m.mean(0).float().cpu() for name, m in session.all_maps().items()}
         return pixels, maps, size
 
-    def _noisy_inputs(self, image: Any, caption: str, *, t: float, samples: int, seed: int,
-                      size: tuple[int, int] | None, guidance: float, max_sequence_length: int) -> tuple[torch.Tensor, dict, tuple[int, int]]:
+    def _noisy_inputs(
+        self,
+        image: Any,
+        caption: str,
+        *,
+        t: float,
+        samples: int,
+        seed: int,
+        size: tuple[int, int] | None,
+        guidance: float,
+        max_sequence_length: int,
+    ) -> tuple[torch.Tensor, dict, tuple[int, int]]:
         """Pixels, the transformer inputs of S noise draws at ``t`` (draw s from seed + s), and (W, H)."""
         check_number(t, "t", 0.0, 1.0)
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -353,12 +422,22 @@ class MMDiTPipeline:
         chosen = list(layers) if layers else list(self.default_layers)
         out = []
         for image, caption, seed in zip(images, captions, seeds):
-            _, inputs, _ = self._noisy_inputs(image, caption, t=t, samples=samples, seed=int(seed), size=size,
-                                              guidance=guidance, max_sequence_length=max_sequence_length)
+            _, inputs, _ = self._noisy_inputs(
+                image,
+                caption,
+                t=t,
+                samples=samples,
+                seed=int(seed),
+                size=size,
+                guidance=guidance,
+                max_sequence_length=max_sequence_length,
+            )
             with PromptAttention(self.transformer, layers=chosen) as session:
                 session.forward_until_last_layer(**inputs)
             per_token = session.maps().mean(0).float().cpu()  # [S_text, h, w]
-            out.append(sum_word_tokens(per_token, [self.word_positions(caption, w, max_sequence_length) for w in words]))
+            out.append(
+                sum_word_tokens(per_token, [self.word_positions(caption, w, max_sequence_length) for w in words])
+            )
         try:
             return torch.stack(out)
         except RuntimeError:
@@ -387,9 +466,22 @@ class MMDiTPipeline:
         """
         seeds = batch_seeds(images, captions, seeds)
         embeds = self.encode_concepts(concepts, concept_tokens, max_sequence_length)
-        per_image = [self._encode_one(im, embeds, cap, t=t, samples=samples, seed=int(sd), size=size, layers=layers,
-                                      readouts=readouts, guidance=guidance, max_sequence_length=max_sequence_length)[1]
-                     for im, cap, sd in zip(images, captions, seeds)]
+        per_image = [
+            self._encode_one(
+                im,
+                embeds,
+                cap,
+                t=t,
+                samples=samples,
+                seed=int(sd),
+                size=size,
+                layers=layers,
+                readouts=readouts,
+                guidance=guidance,
+                max_sequence_length=max_sequence_length,
+            )[1]
+            for im, cap, sd in zip(images, captions, seeds)
+        ]
         try:
             return {name: torch.stack([m[name] for m in per_image]) for name in per_image[0]}
         except RuntimeError:
@@ -402,25 +494,47 @@ class MMDiTPipeline:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (z - shift) * vae.config.scaling_factor
 
-    def _transformer_inputs(self, noisy: torch.Tensor, t: float, caption: str, guidance: float,
-                            max_sequence_length: int) -> dict:
+    def _transformer_inputs(
+        self, noisy: torch.Tensor, t: float, caption: str, guidance: float, max_sequence_length: int
+    ) -> dict:
         pipe, s = self.pipe, noisy.shape[0]
         dtype = self.transformer.dtype
         if self.family == "flux":
             prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-                caption, prompt_2=None, device=self.device, num_images_per_prompt=s,
-                max_sequence_length=max_sequence_length)
+                caption,
+                prompt_2=None,
+                device=self.device,
+                num_images_per_prompt=s,
+                max_sequence_length=max_sequence_length,
+            )
             _, c, h, w = noisy.shape
             packed = pipe._pack_latents(noisy, s, c, h, w)
             img_ids = pipe._prepare_latent_image_ids(s, h // 2, w // 2, self.device, dtype)
-            inputs = dict(hidden_states=packed.to(dtype), timestep=torch.full((s,), t, device=self.device, dtype=dtype),
-                          encoder_hidden_states=prompt_embeds.to(dtype), pooled_projections=pooled.to(dtype),
-                          txt_ids=text_ids, img_ids=img_ids, return_dict=False)
+            inputs = dict(
+                hidden_states=packed.to(dtype),
+                timestep=torch.full((s,), t, device=self.device, dtype=dtype),
+                encoder_hidden_states=prompt_embeds.to(dtype),
+                pooled_projections=pooled.to(dtype),
+                txt_ids=text_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )
             if self.transformer.config.guidance_embeds:
                 inputs["guidance"] = torch.full((s,), guidance, device=self.device, dtype=torch.float32)
             return inputs
         prompt_embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=caption, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=s,
-            do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
-        return dict(hidden_states=noisy.to(dtype), timestep=torch.full((s,), t * 1000.0, device=self.device, dtype=dtype),
-                    encoder_hidden_states=prompt_embeds.to(dtype), pooled_projections=pooled.to(dtype), return_dict=False)
+            prompt=caption,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            num_images_per_prompt=s,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+        )
+        return dict(
+            hidden_states=noisy.to(dtype),
+            timestep=torch.full((s,), t * 1000.0, device=self.device, dtype=dtype),
+            encoder_hidden_states=prompt_embeds.to(dtype),
+            pooled_projections=pooled.to(dtype),
+            return_dict=False,
+        )

@@ -43,7 +43,11 @@ def distinct_concepts(concepts: Iterable[str]) -> list[str]:
 
 def check_seed(seed: object, name: str = "seed") -> int:
     """``seed`` as an int in ``0 .. 2**63 - 1``."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, float)) or (isinstance(seed, float) and not seed.is_integer()):
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, (int, float))
+        or (isinstance(seed, float) and not seed.is_integer())
+    ):
         raise ConceptAttentionError(f"{name} must be a whole number from 0 to {MAX_SEED}, not {seed!r}")
     value = int(seed)
     if not 0 <= value <= MAX_SEED:
@@ -60,8 +64,11 @@ def check_number(value: object, name: str, low: float | None = None, high: float
     if not math.isfinite(number):
         raise ConceptAttentionError(f"{name} must be a finite number, not {value!r}")
     if (low is not None and number < low) or (high is not None and number > high):
-        span = f"from {low:g} to {high:g}" if low is not None and high is not None else (
-            f"at least {low:g}" if low is not None else f"at most {high:g}")
+        span = (
+            f"from {low:g} to {high:g}"
+            if low is not None and high is not None
+            else (f"at least {low:g}" if low is not None else f"at most {high:g}")
+        )
         raise ConceptAttentionError(f"{name} must be {span}, not {number:g}")
     return number
 
@@ -81,12 +88,15 @@ def check_device(device: str | None) -> str | None:
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             build = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ConceptAttentionError(f"device {device!r} asked for, but {build}: use --device cpu, "
-                                        "or install a CUDA build of torch on a machine with a GPU")
+            raise ConceptAttentionError(
+                f"device {device!r} asked for, but {build}: use --device cpu, "
+                "or install a CUDA build of torch on a machine with a GPU"
+            )
         count = torch.cuda.device_count()
         if parsed.index is not None and parsed.index >= count:
-            raise ConceptAttentionError(f"device {device!r} asked for, but this machine has {count} GPU(s): "
-                                        f"use cuda:0 .. cuda:{count - 1}")
+            raise ConceptAttentionError(
+                f"device {device!r} asked for, but this machine has {count} GPU(s): use cuda:0 .. cuda:{count - 1}"
+            )
     elif parsed.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ConceptAttentionError(f"device {device!r} asked for, but MPS is not available here: use --device cpu")

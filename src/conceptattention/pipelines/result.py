@@ -74,8 +74,10 @@ class ConceptResult:
 
     def _index(self, concept: str) -> int:
         if not isinstance(concept, str):
-            raise TypeError(f"a result is indexed by concept name, one of {self.concepts}, not by "
-                            f"{type(concept).__name__}; for the k-th map use result.maps[k]")
+            raise TypeError(
+                f"a result is indexed by concept name, one of {self.concepts}, not by "
+                f"{type(concept).__name__}; for the k-th map use result.maps[k]"
+            )
         try:
             return self.concepts.index(concept)
         except ValueError:
@@ -119,8 +121,7 @@ class ConceptResult:
         concept_grid(self.image, self.maps.detach().float().cpu(), self.concepts).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    def plot(self, concepts: str | Sequence[str] | None = None, cols: int | None = None,
-             cmap: Any = None) -> Figure:
+    def plot(self, concepts: str | Sequence[str] | None = None, cols: int | None = None, cmap: Any = None) -> Figure:
         """A matplotlib ``Figure``: the image, then one titled overlay per concept (all, or those named), in rows
         of ``cols`` panels (default: up to 4 a row); ``cmap`` a matplotlib colour map (default viridis).
 
@@ -132,7 +133,8 @@ class ConceptResult:
             from matplotlib.figure import Figure
         except ImportError:
             raise ConceptAttentionError(
-                'result.plot() needs matplotlib: pip install "conceptattention[plot]"') from None
+                'result.plot() needs matplotlib: pip install "conceptattention[plot]"'
+            ) from None
         from ..viz import DEFAULT_CMAP
 
         if concepts is None:
@@ -156,8 +158,13 @@ class ConceptResult:
             ax = fig.add_subplot(rows, cols, i + 1)
             ax.imshow(picture)
             if heat is not None:
-                ax.imshow(heat, cmap=DEFAULT_CMAP if cmap is None else cmap, alpha=0.55, extent=extent,
-                          interpolation="bilinear")
+                ax.imshow(
+                    heat,
+                    cmap=DEFAULT_CMAP if cmap is None else cmap,
+                    alpha=0.55,
+                    extent=extent,
+                    interpolation="bilinear",
+                )
             ax.set_title(title)
             ax.set_axis_off()
         return fig
@@ -191,8 +198,9 @@ class ConceptResult:
         try:
             json.dumps(info, allow_nan=False)
         except ValueError:
-            raise ConceptAttentionError("a setting of this result is NaN or infinite, so nothing was written; "
-                                        "give finite numbers") from None
+            raise ConceptAttentionError(
+                "a setting of this result is NaN or infinite, so nothing was written; give finite numbers"
+            ) from None
         try:
             with _staged(out) as stage:
                 names = self._write(stage, maps, raw, info)
@@ -239,7 +247,9 @@ def check_out_dir(out: Path | str) -> Path:
     """
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
-        raise ConceptAttentionError(f"--out {out} is a file; give the path of a folder (new, empty, or an earlier result)")
+        raise ConceptAttentionError(
+            f"--out {out} is a file; give the path of a folder (new, empty, or an earlier result)"
+        )
     if out.is_dir():
         entries = [p for p in out.iterdir()]
         if entries and not (out / RESULT_FILE).is_file():
@@ -283,21 +293,24 @@ def upsample(token_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(token_maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
 
 
-def result_from_session(image: Image.Image, session: Any, concepts: list[str], settings: dict[str, Any],
-                        batch_index: int | None) -> ConceptResult:
+def result_from_session(
+    image: Image.Image, session: Any, concepts: list[str], settings: dict[str, Any], batch_index: int | None
+) -> ConceptResult:
     """Maps of one image from a finished ConceptAttention session.
 
     ``batch_index`` picks the batch item (e.g. -1: the conditional half of a guidance batch); None
     averages over the batch (noise samples of one image).
     """
+
     def pick(maps: torch.Tensor) -> torch.Tensor:  # [B, K, h, w] -> [K, h, w]
         return maps.mean(0) if batch_index is None else maps[batch_index]
 
     return result_from_maps(image, {name: pick(m) for name, m in session.all_maps().items()}, concepts, settings)
 
 
-def result_from_maps(image: Image.Image, token_maps: dict[str, torch.Tensor], concepts: list[str],
-                     settings: dict[str, Any]) -> ConceptResult:
+def result_from_maps(
+    image: Image.Image, token_maps: dict[str, torch.Tensor], concepts: list[str], settings: dict[str, Any]
+) -> ConceptResult:
     """A result from ``{readout: [K, h, w]}`` token maps; the first readout is the main one."""
     size = (image.size[1], image.size[0])
     all_maps = {name: m.float().cpu() for name, m in token_maps.items()}
@@ -305,6 +318,12 @@ def result_from_maps(image: Image.Image, token_maps: dict[str, torch.Tensor], co
     raw = all_maps.pop(raw_names[-1]) if raw_names else None
     first = next(iter(all_maps))
     main = all_maps.pop(first)
-    return ConceptResult(image=image, maps=upsample(main, size), token_maps=main, concepts=concepts,
-                         settings=settings, extra_maps={k: upsample(v, size) for k, v in all_maps.items()},
-                         raw_token_maps=raw)
+    return ConceptResult(
+        image=image,
+        maps=upsample(main, size),
+        token_maps=main,
+        concepts=concepts,
+        settings=settings,
+        extra_maps={k: upsample(v, size) for k, v in all_maps.items()},
+        raw_token_maps=raw,
+    )

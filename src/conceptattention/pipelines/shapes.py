@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -42,7 +43,7 @@ class ShapesPipeline:
         self.weights_version = weights_version
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu") -> "ShapesPipeline":
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "cpu") -> ShapesPipeline:
         """Load the shipped weights (default) or a directory written by ``train-shapes``."""
         directory = Path(path) if path is not None else WEIGHTS_DIR
         model = ShapesModel.load(directory, device=device)
@@ -60,8 +61,10 @@ class ShapesPipeline:
     def sampler_settings(self, guidance: float | None, shift: float | None) -> tuple[float, float]:
         """(guidance, shift) with None replaced by the model's defaults."""
         config = self.model.config
-        return (config.default_guidance if guidance is None else guidance,
-                config.default_shift if shift is None else shift)
+        return (
+            config.default_guidance if guidance is None else guidance,
+            config.default_shift if shift is None else shift,
+        )
 
     #: Noise level of a real-image pass, and noise draws averaged, unless told otherwise.
     default_t: float = 0.5
@@ -106,14 +109,32 @@ class ShapesPipeline:
         with session:
             images = self.sample([prompt], [seed], steps=steps, guidance=guidance, shift=shift)
         image = to_pil(images[0])
-        settings = {"model": self.name, "weights_version": self.weights_version, "mode": "generate", "prompt": prompt, "steps": steps, "guidance": guidance,
-                    "shift": shift, "seed": seed, "layers": list(session.layers), "map_steps": map_steps,
-                    "readout": readouts[0], "seconds": round(time.perf_counter() - began, 3)}
+        settings = {
+            "model": self.name,
+            "weights_version": self.weights_version,
+            "mode": "generate",
+            "prompt": prompt,
+            "steps": steps,
+            "guidance": guidance,
+            "shift": shift,
+            "seed": seed,
+            "layers": list(session.layers),
+            "map_steps": map_steps,
+            "readout": readouts[0],
+            "seconds": round(time.perf_counter() - began, 3),
+        }
         return result_from_session(image, session, words, settings, batch_index=-1)
 
     @torch.no_grad()
-    def sample(self, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 20,
-               guidance: float | None = None, shift: float | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        steps: int = 20,
+        guidance: float | None = None,
+        shift: float | None = None,
+    ) -> torch.Tensor:
         """Images ``[N, 3, 64, 64]`` in [0, 1] for prompts, seed i's noise for prompt i (one batched run).
 
         One transformer call per step on the batch ``[unconditional x N, conditional x N]``, at the noise
@@ -121,11 +142,12 @@ class ShapesPipeline:
         """
         guidance, shift = self.sampler_settings(guidance, shift)
         times = sampling_times(steps, shift)
-        n, tokens_per_image = len(prompts), self.model.grid ** 2
-        channels = 3 * self.model.config.patch ** 2
+        n, tokens_per_image = len(prompts), self.model.grid**2
+        channels = 3 * self.model.config.patch**2
         tokens, pooled = self.model.encode_text([""] * n + list(prompts))
-        x = torch.cat([torch.randn(1, tokens_per_image, channels, generator=torch.Generator().manual_seed(int(s)))
-                       for s in seeds]).to(self.device)
+        x = torch.cat(
+            [torch.randn(1, tokens_per_image, channels, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        ).to(self.device)
         for i in range(steps):
             t = torch.full((2 * n,), float(times[i]), device=self.device)
             v_uncond, v_cond = self.model.velocity(torch.cat([x, x]), t, tokens, pooled).chunk(2)
@@ -168,8 +190,9 @@ class ShapesPipeline:
             session.forward_until_last_layer(**inputs)
         return {name: m.unflatten(0, (b, samples)).mean(1).float().cpu() for name, m in session.all_maps().items()}
 
-    def _noisy_inputs(self, images: Sequence[Any], captions: Sequence[str], t: float, samples: int,
-                      seeds: Sequence[int] | None) -> tuple[dict, int]:
+    def _noisy_inputs(
+        self, images: Sequence[Any], captions: Sequence[str], t: float, samples: int, seeds: Sequence[int] | None
+    ) -> tuple[dict, int]:
         """Transformer inputs of B images x S noise draws at ``t`` (draws of image b from seeds[b] + s)."""
         if not 0.0 <= t <= 1.0:
             raise ConceptAttentionError(f"t must be in [0, 1], not {t}")
@@ -236,10 +259,21 @@ class ShapesPipeline:
         words = distinct_concepts(concepts)
         check_seed(seed)
         pixels, fit = self._fit(image)
-        maps = self.token_maps([pixels], words, [caption], readouts=with_raw(readouts), t=t, samples=samples,
-                               seeds=[seed], layers=layers)
+        maps = self.token_maps(
+            [pixels], words, [caption], readouts=with_raw(readouts), t=t, samples=samples, seeds=[seed], layers=layers
+        )
         chosen = list(layers) if layers else list(self.default_layers)
-        settings = {"model": self.name, "weights_version": self.weights_version, "mode": "encode", "caption": caption, "t": t, "samples": samples,
-                    "seed": seed, "layers": chosen, "readout": readouts[0], "input_fit": fit,
-                    "seconds": round(time.perf_counter() - began, 3)}
+        settings = {
+            "model": self.name,
+            "weights_version": self.weights_version,
+            "mode": "encode",
+            "caption": caption,
+            "t": t,
+            "samples": samples,
+            "seed": seed,
+            "layers": chosen,
+            "readout": readouts[0],
+            "input_fit": fit,
+            "seconds": round(time.perf_counter() - began, 3),
+        }
         return result_from_maps(to_pil(pixels), {k: v[0] for k, v in maps.items()}, words, settings)
