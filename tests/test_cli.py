@@ -1,5 +1,6 @@
 """The command line on bad and odd input: one ``error:`` line and exit 2, nothing half-written, or
-(for legal input) the right result. One table, one parametrized test; then interrupts and --help."""
+(for legal input) the right result. One table, one parametrized test; then interrupts and --help; then
+generate, encode and --shift on a tiny shapes model, and a table of refused calls run with typer's CliRunner."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
-from conceptattention.cli import expand_greedy, main
+from conceptattention.cli import app, expand_greedy, main
 
 PROMPT = "a red circle on grass"
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "conceptattention" / "shapes" / "weights"
@@ -349,3 +351,126 @@ def test_help_and_version_import_no_torch():
         assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "False", (args, r.stdout, r.stderr)
     r = subprocess.run([sys.executable, "-m", "conceptattention", "app", "--help"], capture_output=True, text=True)
     assert 'pip install "conceptattention[app]"' in " ".join(r.stdout.split())  # [app] shown, not eaten as markup
+
+
+# ----- on a tiny shapes model, with CliRunner --------------------------------------------------------------------
+def test_generate_and_encode_on_a_tiny_model(tiny_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli_gen"
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "a red circle and a blue square on grass",
+            "--concepts",
+            "circle",
+            "square",
+            "grass",
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_dir),
+            "--steps",
+            "2",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert np.load(out / "maps.npy").shape == (3, 64, 64)
+    for name in ("image.png", "grid.png", "segmentation.png", "maps_raw.npy", "result.json", "circle.png", "grass.png"):
+        assert (out / name).is_file()
+    r = runner.invoke(
+        app,
+        [
+            "encode",
+            str(out / "image.png"),
+            "--concepts",
+            "circle",
+            "--caption",
+            "a red circle",
+            "--out",
+            str(tmp_path / "cli_enc"),
+            "--model",
+            str(tiny_dir),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "cli_enc" / "result.json").read_text())["mode"] == "encode"
+
+
+def test_shift_reaches_the_sampler_and_result_json(tiny_dir, tmp_path):
+    # for a diffusers model it is refused before loading (test_a_refused_call_exits_2_with_its_message)
+    runner = CliRunner()
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "a red circle",
+            "--concepts",
+            "circle",
+            "--model",
+            str(tiny_dir),
+            "--steps",
+            "2",
+            "--shift",
+            "3",
+            "--out",
+            str(tmp_path / "g"),
+            "--quiet",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "g" / "result.json").read_text())["shift"] == 3.0
+
+
+# (case id, arguments, message): exit 2 and the message in the output. {tiny} is a tiny shapes model and {tmp}
+# the test's folder; without --model the shipped model runs.
+REFUSED = [
+    (
+        "unknown-word",
+        ["generate", "a red dog", "--concepts", "circle", "--model", "{tiny}", "--out", "{tmp}/x"],
+        "error: the shapes model does not know 'dog'",
+    ),
+    (
+        "image-not-found",
+        ["encode", "{tmp}/nope.png", "--concepts", "circle", "--model", "{tiny}"],
+        "image file not found",
+    ),
+    (
+        "shift-for-a-diffusers-model",
+        ["generate", "a dog", "--concepts", "dog", "--model", "{tmp}/no-such-flux", "--shift", "3", "--out", "{tmp}/x"],
+        "--shift sets the shapes model's sampler",
+    ),
+    (
+        "height-for-the-shipped-model",
+        ["generate", "a red circle", "--concepts", "circle", "--height", "128"],
+        "--height does not apply to the 'shapes' model",
+    ),
+    ("no-concepts-shipped-model", ["generate", "a red circle", "--concepts", ","], "no concepts given"),
+    (
+        "image-not-found-shipped-model",
+        ["encode", "{tmp}/missing.png", "--concepts", "circle"],
+        "image file not found",
+    ),
+]
+
+
+@pytest.mark.parametrize("case, args, message", REFUSED, ids=[row[0] for row in REFUSED])
+def test_a_refused_call_exits_2_with_its_message(case, args, message, tiny_dir, tmp_path):
+    r = CliRunner().invoke(app, [a.format(tiny=tiny_dir, tmp=tmp_path) for a in args])
+    assert r.exit_code == 2 and message in r.output
+    if case == "shift-for-a-diffusers-model":
+        assert not (tmp_path / "x").exists()
+
+
+def test_train_shapes_without_the_lab_is_one_clear_error(tmp_path, monkeypatch):
+    """A pip install of conceptattention has no trainer: train-shapes says how to get it, in one line."""
+    monkeypatch.setitem(sys.modules, "conceptattention_lab", None)  # as if the lab were not installed
+    config = tmp_path / "stage.json"
+    config.write_text("{}")
+    r = CliRunner().invoke(app, ["train-shapes", "--config", str(config), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2, r.output
+    assert r.output == (
+        "error: train-shapes needs the lab, which a pip install of conceptattention does not include: "
+        "from a clone of the repository, pip install -e lab\n"
+    )
+    assert not (tmp_path / "run").exists()

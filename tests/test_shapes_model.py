@@ -1,41 +1,18 @@
-"""The installed shapes model: text encoder, loading, inference (generate, encode, sampling) and the CLI on it,
-on a tiny config. Its training lives in the lab (lab/tests)."""
+"""The shapes model (shapes/model.py) on a tiny config: the word-level text encoder, patches, the sampler's
+timestep shift, sample prediction, saved weights. Its pipeline is test_pipelines_shapes.py, the CLI on it
+test_cli.py; its training lives in the lab (lab/tests)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from typer.testing import CliRunner
+from tiny_shapes import TINY
 
 from conceptattention import ConceptAttentionError
-from conceptattention.cli import app
-from conceptattention.pipelines.shapes import ShapesPipeline
-from conceptattention.shapes import world
-from conceptattention.shapes.model import WORD_TO_ID, ShapesConfig, ShapesModel, pack, tokenize, unpack
-
-TINY = ShapesConfig(
-    text_dim=32,
-    text_layers=1,
-    text_heads=2,
-    num_layers=3,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    axes_dims_rope=(4, 6, 6),
-)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny_shapes")
-    ShapesModel(TINY).save(directory)
-    return directory
+from conceptattention.shapes.model import WORD_TO_ID, ShapesModel, pack, sampling_times, tokenize, unpack
 
 
 def test_tokenize_and_unknown_words():
@@ -66,249 +43,23 @@ def test_concepts_are_encoded_alone_as_first_token():
         model.encode_concepts(["red circle"])
 
 
-def test_pipeline_generate_and_encode(tiny_dir, tmp_path):
-    pipe = ShapesPipeline.from_pretrained(tiny_dir)
-    res = pipe.generate("a red circle on grass", ["circle", "grass", "red"], steps=3, seed=1)
-    assert res.maps.shape == (3, 64, 64) and res.token_maps.shape == (3, 8, 8)
-    torch.testing.assert_close(res.maps.sum(0), torch.ones(64, 64), rtol=1e-4, atol=1e-4)
-    again = pipe.generate("a red circle on grass", ["circle", "grass", "red"], steps=3, seed=1)
-    assert np.array_equal(np.asarray(res.image), np.asarray(again.image))
-    files = res.save(tmp_path / "gen")
-    maps = np.load(files["maps"])
-    assert maps.dtype == np.float32 and maps.shape == (3, 64, 64)
-    assert Image.open(files["grid"]).size[0] == 4 * (192 + 4)
-    info = json.loads(files["result"].read_text())
-    assert info["concepts"] == ["circle", "grass", "red"] and info["steps"] == 3
-
-    enc = pipe.encode(files["image"], ["circle", "grass"], caption="a red circle on grass", samples=3, seed=2)
-    singles = [
-        pipe.encode(files["image"], ["circle", "grass"], caption="a red circle on grass", samples=1, seed=s)
-        for s in (10, 11)
-    ]
-    assert enc.maps.shape == (2, 64, 64) and torch.isfinite(enc.maps).all()
-    assert not torch.allclose(singles[0].token_maps, singles[1].token_maps)
-
-
-def test_encode_batched_samples_equal_mean_of_single_runs(tiny_dir):
-    pipe = ShapesPipeline.from_pretrained(tiny_dir)
-    # 8-bit pixel values, as from an image file (encode reads images as 8-bit RGB)
-    image = (torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
-    caption, words = "a blue circle in the sky", ["circle", "sky"]
-    batched = pipe.encode(image, words, caption=caption, samples=3, seed=4)
-    singles = [pipe.encode(image, words, caption=caption, samples=1, seed=4 + i) for i in range(3)]
-    assert batched.settings["layers"] == [2]
-    mean = torch.stack([r.token_maps for r in singles]).mean(0)
-    torch.testing.assert_close(batched.token_maps, mean, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(singles[0].token_maps, singles[1].token_maps)
-
-
-def test_bad_inputs(tiny_dir, tmp_path):
-    pipe = ShapesPipeline.from_pretrained(tiny_dir)
-    with pytest.raises(ConceptAttentionError, match="concept list is empty"):
-        pipe.generate("a red circle", [])
-    with pytest.raises(ConceptAttentionError, match="does not know 'dog'"):
-        pipe.generate("a red circle", ["dog"])
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"not an image at all")
-    with pytest.raises(ConceptAttentionError, match="cannot read .*broken.png as an image"):
-        pipe.encode(bad, ["circle"])
-    empty = tmp_path / "empty.png"
-    empty.write_bytes(b"")
-    with pytest.raises(ConceptAttentionError, match="image file is empty"):
-        pipe.encode(empty, ["circle"])
-    with pytest.raises(ConceptAttentionError, match="not found"):
-        pipe.encode(tmp_path / "missing.png", ["circle"])
-    tiny = tmp_path / "one.png"
-    Image.new("RGB", (1, 1)).save(tiny)
-    with pytest.raises(ConceptAttentionError, match="1x1 pixels"):
-        pipe.encode(tiny, ["circle"])
-    gray, rgba = tmp_path / "gray.png", tmp_path / "rgba.png"
-    Image.new("L", (30, 50), 128).save(gray)
-    Image.new("RGBA", (70, 40), (255, 0, 0, 128)).save(rgba)
-    for path in (gray, rgba):
-        assert pipe.encode(path, ["circle"]).maps.shape == (1, 64, 64)
-    with pytest.raises(ConceptAttentionError, match="no shapes model in"):
-        ShapesPipeline.from_pretrained(tmp_path)
-
-
-def test_encode_center_crops_a_non_square_image_and_records_it(tiny_dir, tmp_path):
-    pipe = ShapesPipeline.from_pretrained(tiny_dir)
-    wide = np.zeros((200, 300, 3), np.uint8)
-    wide[:, :50], wide[:, 50:250], wide[:, 250:] = (255, 0, 0), (0, 0, 255), (0, 255, 0)  # margins differ
-    Image.fromarray(wide).save(tmp_path / "wide.png")
-    res = pipe.encode(tmp_path / "wide.png", ["circle", "sky"], caption="a blue circle in the sky", samples=1)
-    seen = np.asarray(res.image)
-    assert seen.shape == (64, 64, 3) and (seen == (0, 0, 255)).all()  # the centre only, not squashed margins
-    assert res.settings["input_fit"] == "center-crop 300x200 to 200x200, resized to 64x64"
-    centre = pipe.encode(
-        Image.fromarray(wide[:, 50:250]).resize((64, 64), Image.BICUBIC),
-        ["circle", "sky"],
-        caption="a blue circle in the sky",
-        samples=1,
-    )
-    torch.testing.assert_close(res.token_maps, centre.token_maps)  # the maps are those of the centre
-    assert centre.settings["input_fit"] == "unchanged (64x64)"
-    big = pipe.encode(Image.new("RGB", (128, 128), "red"), ["circle"], samples=1)
-    assert big.settings["input_fit"] == "resized 128x128 to 64x64"
-    assert pipe.encode(torch.rand(3, 64, 64), ["circle"], samples=1).settings["input_fit"] == "unchanged (64x64)"
-    info = json.loads(res.save(tmp_path / "out")["result"].read_text())
-    assert info["input_fit"] == res.settings["input_fit"]
-
-
-def test_cli_generate_encode_and_errors(tiny_dir, tmp_path):
-    runner = CliRunner()
-    out = tmp_path / "cli_gen"
-    r = runner.invoke(
-        app,
-        [
-            "generate",
-            "a red circle and a blue square on grass",
-            "--concepts",
-            "circle",
-            "square",
-            "grass",
-            "--out",
-            str(out),
-            "--model",
-            str(tiny_dir),
-            "--steps",
-            "2",
-        ],
-    )
-    assert r.exit_code == 0, r.output
-    assert np.load(out / "maps.npy").shape == (3, 64, 64)
-    for name in ("image.png", "grid.png", "segmentation.png", "maps_raw.npy", "result.json", "circle.png", "grass.png"):
-        assert (out / name).is_file()
-    r = runner.invoke(
-        app,
-        [
-            "encode",
-            str(out / "image.png"),
-            "--concepts",
-            "circle",
-            "--caption",
-            "a red circle",
-            "--out",
-            str(tmp_path / "cli_enc"),
-            "--model",
-            str(tiny_dir),
-        ],
-    )
-    assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "cli_enc" / "result.json").read_text())["mode"] == "encode"
-    r = runner.invoke(
-        app, ["generate", "a red dog", "--concepts", "circle", "--model", str(tiny_dir), "--out", str(tmp_path / "x")]
-    )
-    assert r.exit_code == 2 and "error: the shapes model does not know 'dog'" in r.output
-    r = runner.invoke(app, ["encode", str(tmp_path / "nope.png"), "--concepts", "circle", "--model", str(tiny_dir)])
-    assert r.exit_code == 2 and "image file not found" in r.output
-
-
-def test_sampler_timestep_shift(tiny_dir, tmp_path):
-    from conceptattention.shapes.model import sampling_times
-
+def test_sampling_times_follow_the_timestep_shift():
     assert torch.equal(sampling_times(4), torch.linspace(1.0, 0.0, 5))  # shift 1: evenly spaced, as before
     # shift s maps u to s u / (1 + (s - 1) u): u = 1/2 -> s / (s + 1), u = 1/4 -> s / (s + 3)
     assert sampling_times(4, 3.0).tolist() == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
-    for bad, message in (
-        ((0, 1.0), "at least 1"),
-        ((4, 0.0), "must be positive"),
-        ((4, float("nan")), "must be positive"),
-    ):
-        with pytest.raises(ConceptAttentionError, match=message):
-            sampling_times(*bad)
 
-    # the sampler calls the model at exactly those noise levels: given shift, else the model's default
-    pipe = ShapesPipeline.from_pretrained(tiny_dir)
-    seen = []
 
-    def velocity(x_t, t, tokens, pooled):
-        seen.append(sorted(set(t.tolist())))
-        return torch.zeros_like(x_t)
-
-    pipe.model.velocity = velocity
-    pipe.sample(["a red circle"], [0], steps=2, shift=3.0)
-    assert seen == [[1.0], [0.75]]
-    seen.clear()
-    pipe.model.config.default_shift = 7.0
-    pipe.sample(["a red circle"], [0], steps=2)
-    assert seen[1] == [pytest.approx(7 / 8)]
-
-    # the CLI: --shift reaches the sampler and result.json; for a diffusers model it is refused before loading
-    runner = CliRunner()
-    r = runner.invoke(
-        app,
-        [
-            "generate",
-            "a red circle",
-            "--concepts",
-            "circle",
-            "--model",
-            str(tiny_dir),
-            "--steps",
-            "2",
-            "--shift",
-            "3",
-            "--out",
-            str(tmp_path / "g"),
-            "--quiet",
-        ],
-    )
-    assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "g" / "result.json").read_text())["shift"] == 3.0
-    r = runner.invoke(
-        app,
-        [
-            "generate",
-            "a dog",
-            "--concepts",
-            "dog",
-            "--model",
-            str(tmp_path / "no-such-flux"),
-            "--shift",
-            "3",
-            "--out",
-            str(tmp_path / "x"),
-        ],
-    )
-    assert r.exit_code == 2 and "--shift sets the shapes model's sampler" in r.output
-    assert not (tmp_path / "x").exists()
-    r = runner.invoke(
-        app,
-        [
-            "shapes-benchmark",
-            "--model",
-            str(tiny_dir),
-            "--images",
-            "3",
-            "--sample-images",
-            "3",
-            "--shift",
-            "3",
-            "--out",
-            str(tmp_path / "b"),
-            "--quiet",
-        ],
-    )
-    assert r.exit_code == 0, r.output
-    samples = json.loads((tmp_path / "b" / "shapes_benchmark.json").read_text())["samples"]
-    assert samples["shift"] == 3.0
-    # the breakdowns partition the objects: by count in the caption, and each wrong shape has one reason
-    groups = samples["by_objects"].values()
-    assert sum(g["images"] for g in groups) == 3 and sum(g["objects"] for g in groups) == samples["objects"]
-    right = sum(g["shapes_right"] for g in groups)
-    assert right == round(samples["shape_accuracy"] * samples["objects"])
-    assert sum(samples["shape_errors"].values()) == samples["objects"] - right
-    # the no-binding baseline: every object of a one-object caption, and the groups add up to the total
-    if "1" in samples["by_objects"]:
-        assert samples["by_objects"]["1"]["unbound_shapes_right"] == samples["by_objects"]["1"]["objects"]
-    assert sum(g["unbound_shapes_right"] for g in groups) == pytest.approx(
-        samples["unbound_shape_accuracy"] * samples["objects"]
-    )
-    assert "Shapes right by objects in the caption: " in r.output
-    assert "| steps 20, guidance 4.0, shift 3.0 | 3 |" in r.output
-    n = samples["objects"]  # each accuracy is printed with its count, which a rounded share could hide
-    assert f"% ({right} of {n}) |" in r.output and f"% ({round(samples['color_accuracy'] * n)} of {n}) |" in r.output
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        pytest.param((0, 1.0), "at least 1", id="no-steps"),
+        pytest.param((4, 0.0), "must be positive", id="zero-shift"),
+        pytest.param((4, float("nan")), "must be positive", id="nan-shift"),
+    ],
+)
+def test_sampling_times_refuse_bad_arguments(bad, message):
+    with pytest.raises(ConceptAttentionError, match=message):
+        sampling_times(*bad)
 
 
 def test_sample_prediction_turns_the_clean_image_guess_into_the_flow_velocity(tiny_dir, tmp_path):
@@ -408,39 +159,3 @@ def test_saved_weights_load_as_they_were_saved_and_a_foreign_config_is_one_clear
     (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ConceptAttentionError, match="is not a valid shapes-model config"):
         ShapesModel.load(tmp_path / "m")
-
-
-def test_true_concepts_are_the_words_whose_masks_are_not_empty():
-    scenes = world.sample_scenes(64, seed=5)
-    _, labels = world.render(scenes)
-    expected = torch.stack([world.concept_mask(scenes, labels, word).flatten(1).any(1) for word in world.CONCEPTS], 1)
-    assert torch.equal(world.true_concepts(scenes), expected)
-    assert 0 < expected[:, :3].sum(1).float().mean() < 3  # some images hold one shape, some several
-
-
-def test_coreferent_concepts_are_the_pairs_whose_masks_are_the_same():
-    scenes = world.sample_scenes(96, seed=6)
-    _, labels = world.render(scenes)
-    masks = torch.stack([world.concept_mask(scenes, labels, word).flatten(1) for word in world.CONCEPTS], 1)
-    same_mask = (masks[:, :, None] == masks[:, None]).all(-1) & masks.any(-1)[:, :, None]
-    expected = same_mask & ~torch.eye(len(world.CONCEPTS), dtype=torch.bool)
-    pairs = world.coreferent_concepts(scenes)
-    assert torch.equal(pairs, expected)
-    shape_colour = pairs[:, :3, 3:7].sum((1, 2))
-    assert (shape_colour == 0).any() and (shape_colour >= 2).any()  # some images share a colour, some bind two
-
-
-def test_train_shapes_without_the_lab_is_one_clear_error(tmp_path, monkeypatch):
-    """A pip install of conceptattention has no trainer: train-shapes says how to get it, in one line."""
-    import sys
-
-    monkeypatch.setitem(sys.modules, "conceptattention_lab", None)  # as if the lab were not installed
-    config = tmp_path / "stage.json"
-    config.write_text("{}")
-    r = CliRunner().invoke(app, ["train-shapes", "--config", str(config), "--out", str(tmp_path / "run")])
-    assert r.exit_code == 2, r.output
-    assert r.output == (
-        "error: train-shapes needs the lab, which a pip install of conceptattention does not include: "
-        "from a clone of the repository, pip install -e lab\n"
-    )
-    assert not (tmp_path / "run").exists()

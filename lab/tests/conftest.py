@@ -4,12 +4,13 @@ script. They need the lab installed (``pip install -e lab``); without it none is
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
-import torch
-from lab_helpers import TINY
 
-from conceptattention.shapes.model import ShapesModel
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the package's tiny models, shared
+from tiny_shapes import save_tiny  # noqa: E402
 
 LAB_INSTALLED = importlib.util.find_spec("conceptattention_lab") is not None
 if not LAB_INSTALLED:  # a pytest.importorskip here would abort the whole run instead of skipping this folder
@@ -24,8 +25,5 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A tiny random shapes model saved as weights (8x8 patches, 3 double-stream blocks)."""
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny_shapes")
-    ShapesModel(TINY).save(directory)
-    return directory
+    """A tiny random shapes model saved as weights (tests/tiny_shapes.py)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny_shapes"))

@@ -1,25 +1,17 @@
-"""What the lab's tests share: a tiny architecture, stage files written on the fly, and short CLI runs."""
+"""What the lab's tests share: the package tests' tiny architecture, stage files written on the fly, and short
+CLI runs."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from tiny_shapes import TINY  # tests/tiny_shapes.py (lab/tests/conftest.py puts tests/ on the path)
 from typer.testing import CliRunner
 
 from conceptattention.cli import app
-from conceptattention.shapes.model import ShapesConfig
 
-TINY = ShapesConfig(
-    text_dim=32,
-    text_layers=1,
-    text_heads=2,
-    num_layers=3,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    axes_dims_rope=(4, 6, 6),
-)
+__all__ = ["TINY", "generate_briefly", "run_meta", "stage_file", "train_briefly"]
 
 
 def stage_file(path: Path, **settings) -> Path:

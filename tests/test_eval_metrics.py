@@ -1,4 +1,4 @@
-"""Segmentation metrics against hand-computed values and scikit-learn."""
+"""Segmentation metrics (eval/metrics.py) against hand-computed values and scikit-learn."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conceptattention.eval.metrics import BinarySegmentation, average_precision, mean_threshold
+from conceptattention.eval.metrics import BinarySegmentation, MultiClassSegmentation, average_precision, mean_threshold
 
 
 def test_dataset_sums_hand_computed():
@@ -32,6 +32,21 @@ def test_void_pixels_are_not_scored():
     seg.add(torch.tensor([1, 0, 1, 1]), torch.tensor([1, 0, 0, 0]), valid=valid)
     r = seg.result()
     assert r["pixel_accuracy"] == 1.0 and r["miou"] == 1.0
+
+
+def test_multiclass_metrics_hand_computed():
+    seg = MultiClassSegmentation(3)
+    label = torch.tensor([[0, 0, 1], [1, 2, -1]])
+    pred = torch.tensor([[0, 1, 1], [1, 1, 2]])
+    seg.add(pred, label)
+    # labelled: 5 pixels (one void); correct: (0,0), (0,2), (1,0) -> 3
+    # class 0: inter 1, union 2; class 1: inter 2, union 4; class 2: inter 0, union 1 (void pixel not counted)
+    r = seg.result(["bg", "a", "b"])
+    assert r["pixel_accuracy"] == pytest.approx(3 / 5)
+    assert r["iou_per_class"] == pytest.approx({"bg": 1 / 2, "a": 2 / 4, "b": 0.0})
+    assert r["miou"] == pytest.approx((0.5 + 0.5 + 0.0) / 3)
+    merged = seg.merge(seg)
+    assert merged.result()["pixel_accuracy"] == pytest.approx(3 / 5) and merged.inter == [2, 4, 0]
 
 
 def test_average_precision_hand_computed_and_ties():

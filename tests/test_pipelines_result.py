@@ -1,8 +1,10 @@
-"""A result in a notebook: indexed by concept, shown as a picture, plotted with matplotlib; heat-map colours."""
+"""A result (pipelines/result.py): indexed by concept, shown as a picture, plotted with matplotlib; saved as a
+folder with file names safe for any concept and the raw maps beside the saliency."""
 
 from __future__ import annotations
 
 import io
+import json
 import sys
 
 import numpy as np
@@ -10,11 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conceptattention import viz
 from conceptattention.errors import ConceptAttentionError
 from conceptattention.pipelines import load_pipeline
-from conceptattention.pipelines.result import ConceptResult
-from conceptattention.viz import colorize, concept_grid
+from conceptattention.pipelines.result import ConceptResult, overlay_names
+from conceptattention.viz import concept_grid
 
 # Concepts neither in alphabetical nor in any other natural order, so that a map picked by a wrong index
 # (sorted names, reversed, off by one) is another concept's map.
@@ -30,17 +31,6 @@ def made_result() -> ConceptResult:
     return ConceptResult(
         image=image, maps=maps, token_maps=token_maps, concepts=list(CONCEPTS), settings={"model": "made-up"}
     )
-
-
-@pytest.fixture
-def no_matplotlib(monkeypatch):
-    """matplotlib cannot be imported (as when it is not installed); the cached colour-map lookups are dropped
-    before and after, so no colour map found earlier (or a cached "missing") leaks in or out."""
-    viz._colormap.cache_clear()
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    yield
-    viz._colormap.cache_clear()
 
 
 def test_indexing_by_concept_gives_that_concepts_map():
@@ -160,47 +150,30 @@ def test_plot_without_matplotlib_says_how_to_install_it(no_matplotlib):
     assert str(err.value) == 'result.plot() needs matplotlib: pip install "conceptattention[plot]"'
 
 
-def _values() -> np.ndarray:
-    v = np.random.default_rng(3).random((17, 23)).astype(np.float32)
-    v[0, :5] = [0.0, 1.0, 0.125, 0.5, 0.999]
-    return v
+# ----- the output folder -----------------------------------------------------------------------------------------
+def test_overlay_names_are_safe_distinct_and_avoid_reserved_files():
+    names = overlay_names(["dog", "image", "a/b", "a_b", "café", "...", "Dog", "grid"])
+    assert names[0] == "dog.png" and names[2] == "a_b.png" and names[4] == "café.png"
+    assert len({n.lower() for n in names}) == len(names)  # also distinct on case-insensitive file systems
+    assert not {n[:-4] for n in names} & {"image", "maps", "maps_raw", "grid", "segmentation", "result"}
+    assert all("/" not in n and not n.startswith(".") for n in names)
 
 
-def test_colorize_uses_matplotlibs_colour_map():
-    matplotlib = pytest.importorskip("matplotlib")
-    v = _values()
-    for name in (None, "viridis", "magma", "gray"):
-        got = colorize(v) if name is None else colorize(v, cmap=name)
-        assert got.dtype == np.uint8 and got.shape == (17, 23, 3)
-        want = matplotlib.colormaps[name or "viridis"](v.astype(np.float64))[..., :3] * 255.0
-        assert np.abs(got.astype(np.float64) - want).max() <= 1.0, name
-    # the real viridis, not the five-point ramp (they differ between the ramp's anchors)
-    assert np.abs(colorize(v).astype(int) - _old_ramp(v).astype(int)).max() > 3
-    out_of_range = colorize(np.array([[-3.0, 7.0]]))
-    assert (out_of_range[0, 0] == colorize(np.array([[0.0]]))[0, 0]).all()
-    assert (out_of_range[0, 1] == colorize(np.array([[1.0]]))[0, 0]).all()
-    viz._colormap.cache_clear()
-    colorize(v, "magma")
-    colorize(v, "magma")
-    assert viz._colormap.cache_info().hits >= 1 and viz._colormap.cache_info().misses == 1  # looked up once
-    with pytest.raises(ConceptAttentionError, match="unknown colour map 'no-such-map'"):
-        colorize(v, "no-such-map")
-
-
-def _old_ramp(v: np.ndarray) -> np.ndarray:
-    """The five-point ramp, written out independently: piecewise linear between anchors at 0, 1/4, ... 1."""
-    anchors = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
-    x = np.clip(v.astype(np.float64), 0, 1)
-    return np.stack([np.interp(x, np.linspace(0, 1, 5), anchors[:, c]) for c in range(3)], -1)
-
-
-def test_colorize_without_matplotlib_is_the_five_point_ramp(no_matplotlib):
-    v = _values()
-    got = colorize(v)
-    assert got.dtype == np.uint8 and got.shape == (17, 23, 3)
-    assert np.abs(got.astype(np.float64) - _old_ramp(v)).max() <= 1.0
-    assert got[0, 0].tolist() == [68, 1, 84] and got[0, 1].tolist() == [253, 231, 37]
-    assert got[0, 3].tolist() == [33, 145, 140]  # the middle anchor, exactly
-    assert np.array_equal(colorize(v, cmap="viridis"), got)  # the default, by name
-    with pytest.raises(ConceptAttentionError, match=r'needs matplotlib: pip install "conceptattention\[plot\]"'):
-        colorize(v, cmap="magma")
+def test_save_writes_every_file_for_awkward_concepts(tmp_path):
+    concepts = ["sky", "image", "a/b", "a b"]
+    maps = torch.rand(4, 48, 80).softmax(0)
+    result = ConceptResult(
+        Image.new("RGB", (80, 48), "gray"),
+        maps,
+        torch.rand(4, 3, 5),
+        concepts,
+        {"model": "test"},
+        raw_token_maps=torch.randn(4, 3, 5),
+    )
+    written = result.save(tmp_path)
+    info = json.loads((tmp_path / "result.json").read_text())
+    for concept in concepts:
+        assert (tmp_path / info["files"][f"overlay:{concept}"]).is_file()
+    assert len({info["files"][f"overlay:{c}"] for c in concepts}) == 4
+    np.testing.assert_array_equal(np.load(tmp_path / "maps_raw.npy"), result.raw_token_maps.numpy())
+    assert Image.open(written["image"]).size == (80, 48)  # the image itself is untouched
