@@ -97,8 +97,9 @@ def test_encode_batched_equals_mean_of_single_runs(family, flux, sd3, tmp_path):
 def test_stopping_early_gives_the_full_pass_maps(family, flux, sd3):
     p = flux if family == "flux" else sd3
     pixels = torch.rand(3, 32, 48, generator=torch.Generator().manual_seed(1))
-    latents = p._latents(pixels)
-    inputs = p._transformer_inputs(0.5 * torch.randn_like(latents) + 0.5 * latents, 0.5, "a dog", 0.0, 32)
+    latents = p.model_family.latents(p.pipe, pixels)
+    noisy = 0.5 * torch.randn_like(latents) + 0.5 * latents
+    inputs = p.model_family.transformer_inputs(p.pipe, noisy, 0.5, "a dog", 0.0, 32)
     embeds = p.encode_concepts(["dog", "tree", "sky"])
     layers = [0, 1]
     with torch.no_grad():

@@ -4,7 +4,7 @@ Public API (see README):
 
 - :class:`ConceptAttention` -- attach a concept stream to a diffusers MM-DiT and read saliency maps.
 - :data:`READOUTS`, :class:`Readout` -- the paper's method, its ablations and attention baselines.
-- :data:`ADAPTERS`, :class:`MMDiTAdapter` -- model families (Flux.1, SD3/SD3.5) and how to add one.
+- :data:`FAMILIES`, :class:`Family`, :func:`register_family` -- the supported model families, and how to add one.
 - :class:`ConceptAttentionError` -- raised for every input error a user can cause.
 """
 
@@ -19,11 +19,12 @@ __version__ = "0.2.0"  # the package version (pyproject.toml reads it from here)
 
 # Where each public name lives; imported on first use, so `conceptattention --help` needs no torch.
 _LAZY = {
-    "ADAPTERS": "adapters",
-    "FluxAdapter": "adapters",
-    "MMDiTAdapter": "adapters",
-    "SD3Adapter": "adapters",
-    "get_adapter": "adapters",
+    "FAMILIES": "families",
+    "Family": "families",
+    "family_for_transformer": "families",
+    "register_family": "families",
+    "supported_transformers": "families",
+    "PromptAttention": "prompt_attention",
     "ConceptAttention": "core",
     "default_layers": "core",
     "READOUTS": "readouts",
@@ -38,15 +39,16 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "ADAPTERS",
+    "FAMILIES",
     "ConceptAttention",
     "ConceptAttentionError",
-    "FluxAdapter",
-    "MMDiTAdapter",
+    "Family",
+    "PromptAttention",
     "READOUTS",
     "Readout",
-    "SD3Adapter",
     "UnsupportedModelError",
     "default_layers",
-    "get_adapter",
+    "family_for_transformer",
+    "register_family",
+    "supported_transformers",
 ]

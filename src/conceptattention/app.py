@@ -377,7 +377,7 @@ def build_app(model: str = "shapes", device: str = "cpu", allow_model_choice: bo
                 value=handlers.display,
                 label="model",
                 elem_id="model",
-                info=f"'shapes' or a model this server has (FLUX.1 / SD3 diffusers id, "
+                info=f"'shapes' or a model this server has (diffusers hub id or folder, "
                 f"train-shapes folder); blank: the server's model, {shown}",
             )
         else:

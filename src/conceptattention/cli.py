@@ -25,7 +25,7 @@ try:  # typer vendors its own click since 0.2x; its exceptions are the ones rais
 except ImportError:  # older typer runs on click itself
     from click import exceptions as cli_errors  # type: ignore[no-redef]
 
-from .errors import ConceptAttentionError
+from .errors import ConceptAttentionError, short
 
 #: Options that take every following word up to the next option: ``-c circle square grass``.
 GREEDY_OPTIONS = ("-c", "--concepts")
@@ -213,7 +213,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     help=(
         "ConceptAttention saliency maps for diffusion transformers: where each word of a prompt lives in an "
-        "image. The built-in 'shapes' model works offline on a CPU; FLUX.1 and SD3/SD3.5 via --model.\n\n"
+        "image. The built-in 'shapes' model works offline on a CPU; diffusers MM-DiTs via --model (see `models`).\n\n"
         "\b\nExamples:\n"
         '  conceptattention generate "a red circle and a blue square on grass" -c circle square grass -o runs/demo\n'
         '  conceptattention encode photo.png -c circle grass --caption "a red circle on grass" -o runs/enc\n'
@@ -241,8 +241,8 @@ def _main(
 
 
 MODEL_HELP = (
-    "'shapes' (built in, offline), a directory written by train-shapes, or a FLUX.1 / SD3 / SD3.5 "
-    "diffusers model: hub id or local directory"
+    "'shapes' (built in, offline), a directory written by train-shapes, or a supported diffusers model "
+    "(`conceptattention models`): hub id or local directory"
 )
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 DTYPE_HELP = "auto, float32, bfloat16 or float16"
@@ -277,19 +277,16 @@ def _load(model: str, device: str, dtype: str, offload: str | None) -> Any:
     return load_pipeline(model, device=_device(device), torch_dtype=_dtype(dtype), offload=offload)
 
 
-def _is_shapes(pipe: Any) -> bool:
-    from .pipelines.shapes import ShapesPipeline
-
-    return isinstance(pipe, ShapesPipeline)
-
-
-def _real_model_options(pipe: Any, **options: Any) -> dict:
-    """Options that only diffusers models take; a clear error if given for the shapes model."""
+def _options(pipe: Any, **options: Any) -> dict:
+    """The model-specific options that were given; one clear error for those this model does not take."""
     given = {k: v for k, v in options.items() if v is not None}
-    if _is_shapes(pipe) and given:
+    unknown = sorted(set(given) - pipe.options)
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        takes = ", ".join("--" + k.replace("_", "-") for k in sorted(pipe.options & set(options))) or "none"
         raise ConceptAttentionError(
-            f"{', '.join('--' + k.replace('_', '-') for k in given)} only apply to FLUX.1 / SD3 models; "
-            "the shapes model works at 64x64"
+            f"{flags} {'does' if len(unknown) == 1 else 'do'} not apply to the {short(pipe.name)} model "
+            f"(of these options it takes {takes})"
         )
     return given
 
@@ -344,15 +341,15 @@ def generate(
     shift: float | None = typer.Option(
         None,
         parser=finite(min=0, min_open=True),
-        help="timestep shift of the shapes model's sampler (default: the model's; FLUX.1 / SD3 use their scheduler's)",
+        help="timestep shift of the shapes model's sampler (default: the model's; diffusers models use their scheduler's)",
     ),
     seed: int = typer.Option(0, min=0, max=SEED_MAX),
     layers: list[int] | None = typer.Option(None, "--layers", help=LAYERS_HELP),
-    height: int | None = typer.Option(None, min=16, max=16384, help="image height (FLUX.1 / SD3 only)"),
-    width: int | None = typer.Option(None, min=16, max=16384, help="image width (FLUX.1 / SD3 only)"),
+    height: int | None = typer.Option(None, min=16, max=16384, help="image height (diffusers models only)"),
+    width: int | None = typer.Option(None, min=16, max=16384, help="image width (diffusers models only)"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    offload: str | None = typer.Option(None, help="'model' or 'sequential' CPU offload (FLUX.1 / SD3)"),
+    offload: str | None = typer.Option(None, help="'model' or 'sequential' CPU offload (diffusers models)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ) -> None:
@@ -364,8 +361,8 @@ def generate(
     \b
     Examples:
       conceptattention generate "a red circle and a blue square on grass" -c circle square grass -o runs/demo
-      conceptattention generate "a dog next to a tree" -c dog tree sky --model black-forest-labs/FLUX.1-schnell \\
-          --steps 4 --guidance 0 --device cuda --dtype bfloat16 -o runs/flux
+      conceptattention generate "a dog next to a tree" -c dog tree sky --model OWNER/NAME \\
+          --steps 4 --device cuda --dtype bfloat16 -o runs/dog     (hub ids: conceptattention models)
     """
     _quiet_libraries(verbose)
     from .pipelines import is_shapes_model
@@ -373,15 +370,14 @@ def generate(
     words = _concepts(concepts)
     if shift is not None and not is_shapes_model(model):  # before loading a model of many GB
         raise ConceptAttentionError(
-            "--shift sets the shapes model's sampler; FLUX.1 and SD3 use the shift of "
+            "--shift sets the shapes model's sampler; diffusers models use the shift of "
             "their own scheduler (set it on the diffusers pipeline in Python)"
         )
     out = _check_out(out)
     pipe = _load(model, device, dtype, offload)
-    extra = _real_model_options(pipe, height=height, width=width)
-    extra.update({k: v for k, v in (("steps", steps), ("guidance", guidance), ("shift", shift)) if v is not None})
-    if not _is_shapes(pipe):
-        extra["progress"] = not quiet
+    progress = (not quiet) if "progress" in pipe.options else None
+    extra = _options(pipe, height=height, width=width, shift=shift, progress=progress)
+    extra.update({k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None})
     result = pipe.generate(prompt, words, seed=seed, layers=layers, **extra)
     _report(result, out, quiet)
 
@@ -400,14 +396,14 @@ def encode(
         None,
         min=1,
         max=256,
-        help="noise samples averaged, batched in one pass (default: the model's; shapes 4, FLUX.1 / SD3 5)",
+        help="noise samples averaged, batched in one pass (default: the model's; shapes 4, diffusers models 5)",
     ),
     seed: int = typer.Option(0, min=0, max=SEED_MAX),
     layers: list[int] | None = typer.Option(None, "--layers", help=LAYERS_HELP),
-    size: str | None = typer.Option(None, help="WIDTHxHEIGHT fed to the model (FLUX.1 / SD3 only)"),
+    size: str | None = typer.Option(None, help="WIDTHxHEIGHT fed to the model (diffusers models only)"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    offload: str | None = typer.Option(None, help="'model' or 'sequential' CPU offload (FLUX.1 / SD3)"),
+    offload: str | None = typer.Option(None, help="'model' or 'sequential' CPU offload (diffusers models)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     verbose: bool = typer.Option(False, "--verbose", help=VERBOSE_HELP),
 ) -> None:
@@ -417,7 +413,7 @@ def encode(
     Examples:
       conceptattention encode runs/demo/image.png -c circle square grass --caption "a red circle on grass" -o runs/enc
       conceptattention encode dog.jpg -c dog grass sky background --caption "a dog" \\
-          --model stabilityai/stable-diffusion-3.5-medium --device cuda --dtype bfloat16 -o runs/sd35
+          --model path/to/diffusers-model --device cuda --dtype bfloat16 -o runs/dog
     """
     _quiet_libraries(verbose)
     from .pipelines import open_image
@@ -427,7 +423,7 @@ def encode(
     out = _check_out(out)
     picture = open_image(image)  # an unreadable image fails before the model loads
     pipe = _load(model, device, dtype, offload)
-    extra = _real_model_options(pipe, size=parsed_size)
+    extra = _options(pipe, size=parsed_size)
     samples = pipe.default_samples if samples is None else samples
     result = pipe.encode(picture, words, caption=caption, t=t, samples=samples, seed=seed, layers=layers, **extra)
     _report(result, out, quiet)
@@ -520,7 +516,9 @@ def shapes_benchmark(
 
     _check_run_dir(out)
     pipe = load_pipeline(model, device=_device(device))
-    if not _is_shapes(pipe):
+    from .pipelines.shapes import ShapesPipeline
+
+    if not isinstance(pipe, ShapesPipeline):
         raise ConceptAttentionError(
             "shapes-benchmark measures a shapes model; pass 'shapes' or a train-shapes directory"
         )
@@ -552,7 +550,7 @@ def eval_command(
     images: int = typer.Option(500, min=1, help="shapes: held-out images generated"),
     t: float | None = typer.Option(None, parser=finite(min=0, max=1), help="noise level (default 0.5)"),
     samples: int | None = typer.Option(
-        None, min=1, max=256, help="noise draws per image (default: the model's; shapes 4, FLUX.1 / SD3 5)"
+        None, min=1, max=256, help="noise draws per image (default: the model's; shapes 4, diffusers models 5)"
     ),
     seed: int | None = typer.Option(None, min=0, max=SEED_MAX, help="noise seed (image i uses seed + 1000 i)"),
     layers: list[int] | None = typer.Option(None, "--layers", help=LAYERS_HELP),
@@ -563,9 +561,12 @@ def eval_command(
         help="sigma of the 3x3 Gaussian blur of token maps (0: none; default: 1 on real datasets, as the paper)",
     ),
     upsample: str | None = typer.Option(None, help="nearest or bilinear upsampling of maps to the labels"),
-    concept_tokens: str | None = typer.Option(None, help="FLUX.1 / SD3: 'first' (paper) or 'mean' of a word's tokens"),
+    concept_tokens: str | None = typer.Option(
+        None, help="diffusers models: 'first' (paper) or 'mean' of a word's tokens"
+    ),
     size: str | None = typer.Option(
-        None, help="FLUX.1 / SD3: WIDTHxHEIGHT fed to the model (default: the model's resolution on the longer side)"
+        None,
+        help="diffusers models: WIDTHxHEIGHT fed to the model (default: the model's resolution on the longer side)",
     ),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
@@ -580,7 +581,7 @@ def eval_command(
     \b
     Examples:
       conceptattention eval --dataset shapes --method all --out runs/eval-shapes
-      conceptattention eval --dataset voc-single --data VOCdevkit --model black-forest-labs/FLUX.1-schnell \\
+      conceptattention eval --dataset voc-single --data VOCdevkit --model OWNER/NAME \\
           --device cuda --dtype bfloat16 --method concept_attention,cross_attention --out runs/voc
     """
     _quiet_libraries(verbose)
@@ -596,7 +597,7 @@ def eval_command(
     parsed_size = _parse_size(size)
     bench = load_dataset(dataset, data, images=images, class_map=class_map)
     pipe = _load(model, device, dtype, None)
-    extra = _real_model_options(pipe, concept_tokens=concept_tokens, size=parsed_size)
+    extra = _options(pipe, concept_tokens=concept_tokens, size=parsed_size)
     results = evaluate(
         pipe,
         bench,
@@ -615,6 +616,17 @@ def eval_command(
     )
     if results is not None and not quiet and rank == 0:
         typer.echo((out / TABLE_FILE).read_text())
+
+
+@app.command("models", **COMMAND)
+def models_command() -> None:
+    """The supported diffusers model families: their pipelines, transformers and example hub ids."""
+    from .families import FAMILIES
+
+    for family in FAMILIES:
+        typer.echo(f"{family.title}: {', '.join(family.pipeline_classes)} ({', '.join(family.transformer_classes)})")
+        for example in family.examples:
+            typer.echo(f"    --model {example}")
 
 
 @app.command("app", **COMMAND)

@@ -11,9 +11,7 @@ accumulated on the model's device without host synchronisation; read them after 
 
 from __future__ import annotations
 
-import inspect
 import math
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -21,21 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import CallInputs, MMDiTAdapter, get_adapter
 from .errors import ConceptAttentionError
+from .families import CallInputs, Family
+from .hooks import HookSession, check_layers
 from .readouts import STREAMS, Readout, layer_scores, resolve_readouts, stream_mask
 
 __all__ = ["ConceptAttention", "default_layers"]
 
-_ATTACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-class _StopForward(Exception):
-    """Raised by the last read block to end a forward early (see ``forward_until_last_layer``)."""
-
 
 def default_layers(num_blocks: int) -> tuple[int, ...]:
-    """Default layers to read: the paper's Flux choice (blocks 14-17 of 19) scaled to any depth.
+    """Default layers to read: the paper's choice (blocks 14-17 of 19) scaled to any depth.
 
     From ``floor(0.74 * L)`` to ``L - 2`` inclusive (deep layers, the final block left out), at
     least one block.
@@ -45,12 +38,12 @@ def default_layers(num_blocks: int) -> tuple[int, ...]:
     return tuple(range(min(start, num_blocks - 1), min(stop, num_blocks)))
 
 
-class ConceptAttention:
+class ConceptAttention(HookSession):
     """Attach a ConceptAttention concept stream to a diffusers MM-DiT transformer.
 
     Args:
-        transformer: a stock ``FluxTransformer2DModel`` or ``SD3Transformer2DModel`` (or any class an
-            adapter in :data:`conceptattention.adapters.ADAPTERS` accepts).
+        transformer: a stock diffusers MM-DiT transformer of a supported family (see
+            :func:`conceptattention.families.supported_transformers`).
         concept_embeds: concept embeddings in the text encoder's space, ``[K, D_text]`` (shared by the
             batch) or ``[B, K, D_text]``; one row per concept, each encoded on its own.
         layers: indices of the double-stream blocks to read (negatives count from the end); default
@@ -60,9 +53,11 @@ class ConceptAttention:
         readouts: names from :data:`conceptattention.readouts.READOUTS` or ``Readout`` specs; the first
             is the default of :meth:`maps`.
         concept_pooled: ``"zero"`` (the paper's choice: the concept stream's modulation uses a zero
-            pooled-text vector) or ``"prompt"`` (the prompt's own modulation).
+            pooled-text vector) or ``"prompt"`` (the prompt's own modulation). Families whose
+            modulation takes no pooled text vector use the prompt's, which then carries no text.
         grid: token grid ``(h, w)`` of the image, when it cannot be read from the call's inputs.
-        adapter: force an adapter instead of picking one by the transformer's class.
+        family: force a :class:`~conceptattention.families.Family` instead of picking one by the
+            transformer's class.
         differentiable: keep the autograd graph through the concept stream and its scores (the concept
             embeddings are not detached), for training objectives on the maps; off by default, where the
             stream runs under ``torch.no_grad`` and costs no memory for gradients.
@@ -84,13 +79,11 @@ class ConceptAttention:
         readouts: Iterable[str | Readout] | str | Readout = "concept_attention",
         concept_pooled: str = "zero",
         grid: tuple[int, int] | None = None,
-        adapter: MMDiTAdapter | None = None,
+        family: Family | None = None,
         differentiable: bool = False,
     ) -> None:
-        self.transformer = transformer
+        super().__init__(transformer, family)
         self.differentiable = bool(differentiable)
-        self.adapter = adapter if adapter is not None else get_adapter(transformer)
-        self._blocks = list(self.adapter.double_blocks(transformer))
         self.concept_embeds = self._check_embeds(concept_embeds)
         self.num_concepts = self.concept_embeds.shape[-2]
         self.layers = self._check_layers(layers)
@@ -105,13 +98,9 @@ class ConceptAttention:
         # Streams in a fixed order; ConceptAttention's own stream first.
         wanted = {r.stream for r in self.readouts.values()}
         self._streams = [s for s in STREAMS if s in wanted]
-        self._signature = inspect.signature(type(transformer).forward)
         self._embeds_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._attached = False
-        self._stop_early = False
         self.reset()
-        self._clear_call_state()
+        self._call_ended()
 
     # ----- validation ---------------------------------------------------------------------------
     def _check_embeds(self, embeds: Any) -> torch.Tensor:
@@ -123,7 +112,7 @@ class ConceptAttention:
             raise ConceptAttentionError(f"concept_embeds must be [K, D] or [B, K, D]; got shape {tuple(embeds.shape)}")
         if embeds.shape[-2] == 0:
             raise ConceptAttentionError("the concept list is empty: give at least one concept")
-        width = self.adapter.text_dim(self.transformer)
+        width = self.family.text_dim(self.transformer)
         if embeds.shape[-1] != width:
             raise ConceptAttentionError(
                 f"concept embeddings are {embeds.shape[-1]} wide but this {type(self.transformer).__name__} "
@@ -135,25 +124,9 @@ class ConceptAttention:
 
     def _check_layers(self, layers: Sequence[int] | None) -> tuple[int, ...]:
         n = len(self._blocks)
-        if n == 0:
-            raise ConceptAttentionError(f"{type(self.transformer).__name__} has no double-stream blocks to read")
-        if layers is None:
-            return default_layers(n)
-        if isinstance(layers, int):
-            layers = [layers]
-        chosen = set()
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise ConceptAttentionError(f"layer indices must be ints, got {layer!r}")
-            if not -n <= layer < n:
-                raise ConceptAttentionError(
-                    f"layer {layer} is out of range: this transformer has {n} double-stream blocks "
-                    f"(valid indices {-n}..{n - 1})"
-                )
-            chosen.add(layer % n)
-        if not chosen:
-            raise ConceptAttentionError("layers is empty: choose at least one double-stream block to read")
-        return tuple(sorted(chosen))
+        if layers is None and n:
+            return self.family.default_layers(self.transformer) or default_layers(n)
+        return check_layers([] if layers is None else layers, n)
 
     @staticmethod
     def _check_calls(calls: Any) -> Callable[[int], bool]:
@@ -178,11 +151,12 @@ class ConceptAttention:
         self.recorded_calls = 0
         self._last_call: CallInputs | None = None
 
-    def _clear_call_state(self) -> None:
+    def _call_ended(self) -> None:
+        super()._call_ended()
         self._active = False
         self._temb: torch.Tensor | None = None
         self._rope: Any = None
-        self._image_rope: Any = None
+        self._rope_tables: tuple[Any, Any] = (None, None)  # (image, concept) rotations of this call
         self._mask: torch.Tensor | None = None
         self._mask_for: tuple[int, torch.device] | None = None
         self._hidden: torch.Tensor | None = None
@@ -190,115 +164,55 @@ class ConceptAttention:
         self._call_inputs: CallInputs | None = None
         self._in_time_embed = False
 
-    # ----- attach / detach ----------------------------------------------------------------------------
-    def attach(self) -> ConceptAttention:
-        """Register the hooks. Prefer ``with ConceptAttention(...)``, which always detaches."""
-        if self._attached:
-            raise ConceptAttentionError("this ConceptAttention is already attached")
-        if self.transformer in _ATTACHED:
-            raise ConceptAttentionError(
-                "another ConceptAttention is already attached to this transformer; leave its `with` block first "
-                "(one session can hold several readouts)"
-            )
-        try:
-            self._register()
-        except BaseException:
-            self._remove_handles()
-            raise
-        _ATTACHED.add(self.transformer)
-        self._attached = True
-        return self
-
-    def detach(self) -> None:
-        """Remove every hook; the transformer is exactly as before. Safe to call twice."""
-        self._remove_handles()
-        if self._attached:
-            _ATTACHED.discard(self.transformer)
-        self._attached = False
-        self._clear_call_state()
-
-    def __enter__(self) -> ConceptAttention:
-        return self.attach()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.detach()
-
-    def _remove_handles(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-
+    # ----- hooks ----------------------------------------------------------------------------------------
     def _register(self) -> None:
-        t, adapter = self.transformer, self.adapter
-        self._handles.append(t.register_forward_pre_hook(self._on_call_start, with_kwargs=True))
-        self._handles.append(t.register_forward_hook(self._on_call_end, always_call=True))
-        self._handles.append(adapter.time_embedder(t).register_forward_hook(self._on_time_embed, with_kwargs=True))
-        rope = adapter.rope_module(t)
-        if rope is not None:
-            self._handles.append(rope.register_forward_hook(self._on_rope))
-        last = self.layers[-1]
-        for index, block in enumerate(self._blocks[: last + 1]):
-            for name, (module, convert) in adapter.capture_points(block).items():
-                self._handles.append(module.register_forward_hook(self._capture_output(name, convert)))
-            self._handles.append(adapter.output_point(block).register_forward_pre_hook(self._capture_attn_out))
-            self._handles.append(block.register_forward_hook(self._block_done(index)))
+        super()._register()
+        if self.family.pooled_text and self.concept_pooled == "zero":
+            embedder = self.family.time_embedder(self.transformer)
+            self._handles.append(embedder.register_forward_hook(self._on_time_embed, with_kwargs=True))
 
-    # ----- hooks -------------------------------------------------------------------------------------------
-    def _on_call_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._clear_call_state()
+    def _block_hooks(self, index: int, block: nn.Module) -> list[Any]:
+        handles = [
+            module.register_forward_hook(self._capture_output(name, convert))
+            for name, (module, convert) in self.family.capture_points(block).items()
+        ]
+        handles.append(self.family.output_point(block).register_forward_pre_hook(self._capture_attn_out))
+        return handles
+
+    def _call_started(self, arguments: dict[str, Any]) -> None:
         index = self.num_calls
         self.num_calls += 1
         self._active = bool(self._calls(index))
         if self._active:
-            bound = self._signature.bind_partial(module, *args, **kwargs).arguments
-            self._call_inputs = self.adapter.read_call(module, bound)
-
-    def _on_call_end(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self._clear_call_state()
+            self._call_inputs = self.family.read_call(self.transformer, arguments)
 
     def _on_time_embed(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        """Recompute the modulation with the pooled text vector zeroed, for the concept stream."""
         if not self._active or self._in_time_embed:
             return
-        if self.concept_pooled == "prompt":
-            self._temb = output
-            return
-        call_args, kwargs = list(args), dict(kwargs)
-        if "pooled_projection" in kwargs:
-            kwargs["pooled_projection"] = torch.zeros_like(kwargs["pooled_projection"])
-        else:
-            call_args[-1] = torch.zeros_like(call_args[-1])
+        call_args, call_kwargs = self.family.without_pooled(args, kwargs)
         self._in_time_embed = True
         try:
             with torch.no_grad():
-                self._temb = module(*call_args, **kwargs)
+                self._temb = module(*call_args, **call_kwargs)
         finally:
             self._in_time_embed = False
 
-    def _on_rope(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._active:
-            self._rope = output
-
     def _capture_output(self, name: str, convert: Callable[[Any], torch.Tensor]) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if self._active:
+            if self._active and self._in_block is not None:
                 self._capture[name] = convert(output)
 
         return hook
 
     def _capture_attn_out(self, module: nn.Module, args: tuple) -> None:
-        if self._active:
+        if self._active and self._in_block is not None:
             self._capture["output"] = args[0]
 
-    def _block_done(self, index: int) -> Callable:
-        last = self.layers[-1]
-
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if self._active:
-                with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
-                    self._concept_block(index, module)
-            if index == last and self._stop_early:
-                raise _StopForward
-
-        return hook
+    def _block_ended(self, index: int, block: nn.Module, arguments: dict[str, Any]) -> None:
+        if self._active:
+            with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+                self._concept_block(index, block, arguments)
 
     # ----- the concept stream -----------------------------------------------------------------------------
     def _initial_hidden(self, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -314,29 +228,50 @@ class ConceptAttention:
                 f"concept_embeds has batch {embeds.shape[0]} but the transformer was called with batch {batch}; "
                 "give [K, D] to share concepts across the batch, or [B, K, D] with the same B"
             )
-        hidden = self.adapter.embed_concepts(self.transformer, embeds).expand(batch, -1, -1)
+        hidden = self.family.embed_concepts(self.transformer, embeds, self.call_arguments).expand(batch, -1, -1)
         return hidden.repeat(1, len(self._streams), 1) if len(self._streams) > 1 else hidden
 
-    def _concept_block(self, index: int, block: nn.Module) -> None:
+    def _rotations(self, arguments: dict[str, Any], num_image: int, dtype: torch.dtype) -> tuple[Any, Any]:
+        """The (image key, concept query/key) rotations of this call, prepared once per call."""
+        rope = self.family.rope(arguments)
+        if rope is None:
+            return None, None
+        if rope is not self._rope:
+            self._rope = rope
+            self._rope_tables = (
+                self.family.image_rope(rope, num_image, dtype),
+                self.family.concept_rope(rope, dtype),
+            )
+        return self._rope_tables
+
+    def _concept_block(self, index: int, block: nn.Module, arguments: dict[str, Any]) -> None:
         capture, self._capture = self._capture, {}
         missing = {"key", "value", "output"} - capture.keys()
-        if missing or self._temb is None:
+        if missing:
             raise ConceptAttentionError(
-                f"double-stream block {index} ran without exposing its {', '.join(sorted(missing)) or 'time embedding'}; "
-                f"the {self.adapter.name} adapter does not match this transformer's implementation"
+                f"double-stream block {index} ran without exposing its {', '.join(sorted(missing))}; "
+                f"the {self.family.title} family does not match this transformer's implementation"
+            )
+        if self._temb is None and self.family.pooled_text and self.concept_pooled == "zero":
+            raise ConceptAttentionError(
+                f"double-stream block {index} ran before the time embedding; the {self.family.title} family "
+                "does not match this transformer's implementation"
             )
         image_out = capture["output"]  # [B, N, H*Dh]
         batch, num_image = image_out.shape[0], image_out.shape[1]
         key = capture["key"]  # [B, N, H, Dh]
-        if self._rope is not None:
-            if self._image_rope is None:
-                self._image_rope = self.adapter.image_rope(self._rope, num_image, key.dtype)
-            key = self.adapter.apply_rope(key, self._image_rope)
+        image_rope, concept_rope = self._rotations(arguments, num_image, key.dtype)
+        if image_rope is not None:
+            key = self.family.apply_rope(key, image_rope)
         image_key, image_value = key.transpose(1, 2), capture["value"].transpose(1, 2)  # [B, H, N, Dh]
 
         if self._hidden is None:
             self._hidden = self._initial_hidden(batch, image_out)
-        step = self.adapter.text_step(block, self._hidden, self._temb)
+        step = self.family.text_step(block, self._hidden, self.family.text_modulation(block, arguments, self._temb))
+        if concept_rope is not None:
+            step.query, step.key = (
+                self.family.apply_rope(x.transpose(1, 2), concept_rope).transpose(1, 2) for x in (step.query, step.key)
+            )
         if self._mask_for != (num_image, image_out.device):  # built once per call, not per block
             self._mask = stream_mask(self._streams, self.num_concepts, num_image, image_out.device)
             self._mask_for = (num_image, image_out.device)
@@ -399,24 +334,6 @@ class ConceptAttention:
             self._counts[name] += 1
 
     # ----- running and reading -------------------------------------------------------------------------
-    def forward_until_last_layer(self, *args: Any, **kwargs: Any) -> None:
-        """Call the transformer, stopping right after the last read block (real-image passes).
-
-        Nothing after that block runs (no later double or single-stream blocks, no final layer), and
-        the call returns None; the maps are then read as usual.
-        """
-        if not self._attached:
-            raise ConceptAttentionError("attach first: use `with ConceptAttention(...) as ca:`")
-        self._stop_early = True
-        try:
-            self.transformer(*args, **kwargs)
-        except _StopForward:
-            pass
-        else:
-            raise ConceptAttentionError("the forward ended without reaching the last read layer")
-        finally:
-            self._stop_early = False
-
     def _name(self, readout: str | None) -> str:
         name = next(iter(self.readouts)) if readout is None else readout
         if name not in self.readouts:

@@ -45,7 +45,7 @@ def load_pipeline(model: str = "shapes", device: str | None = None, torch_dtype=
 
     "shapes" is the built-in model; a directory holding ``model.safetensors`` + ``config.json`` is a
     shapes model written by ``train-shapes`` (its run directory, holding them in ``weights/``, too);
-    anything else is a diffusers FLUX.1 or SD3/SD3.5 model (hub id or local directory). A device that
+    anything else is a diffusers model of a supported family (hub id or local directory). A device that
     torch cannot use here fails before anything is loaded.
     """
     from .options import check_device

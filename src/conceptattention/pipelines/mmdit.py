@@ -1,13 +1,14 @@
-"""FLUX.1 and SD3/SD3.5 through diffusers' own pipelines, with ConceptAttention maps.
+"""Every supported diffusers MM-DiT pipeline, with ConceptAttention maps.
 
-``generate`` runs the stock ``FluxPipeline`` / ``StableDiffusion3Pipeline`` with the concept stream
-attached to its transformer, so the image is exactly what the plain pipeline makes for the same
-seed. ``encode`` takes a real image: VAE latents, noise at ``t`` for S noise draws batched in one
-call, and a transformer pass that stops after the last block that is read.
+``generate`` runs the stock diffusers pipeline with the concept stream attached to its transformer,
+so the image is exactly what the plain pipeline makes for the same seed. ``encode`` takes a real
+image: VAE latents, noise at ``t`` for S noise draws batched in one call, and a transformer pass
+that stops after the last block that is read.
 
-Concepts are encoded each on its own, exactly as the pipeline encodes a prompt, by the model's T5
-encoder (SD3 without T5: its two CLIP encoders); the default keeps the first token's embedding as
-in the paper, and ``concept_tokens="mean"`` averages over the word's tokens instead.
+Concepts are encoded each on its own, exactly as the pipeline encodes a prompt, by its own text
+encoder; the default keeps the first token's embedding as in the paper, and
+``concept_tokens="mean"`` averages over the word's tokens instead. What differs between models is
+the family's (:mod:`conceptattention.families`); this module names none.
 """
 
 from __future__ import annotations
@@ -20,28 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..core import ConceptAttention
-from ..errors import ConceptAttentionError, UnsupportedModelError, short
+from ..core import ConceptAttention, default_layers
+from ..errors import ConceptAttentionError, short
+from ..families import Family, family_for_pipeline
+from ..families.base import call_default
+from .base import MapsPipeline
 from .images import batch_seeds, load_image, noise_samples, open_image, sum_word_tokens
 from .options import check_number, check_seed, distinct_concepts
 from .result import ConceptResult, result_from_maps, result_from_session, with_raw
-
-#: Paper defaults (FLUX.1-schnell protocol: double blocks 14-17, t = 0.5, 5 noise samples).
-FLUX_LAYERS = (14, 15, 16, 17)
-
-
-def _family(pipe: Any) -> str:
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
-
-    if isinstance(pipe, FluxPipeline):
-        return "flux"
-    if isinstance(pipe, StableDiffusion3Pipeline):
-        return "sd3"
-    raise UnsupportedModelError(
-        f"{type(pipe).__name__} is not supported; use a FLUX.1 (FluxPipeline) or SD3/SD3.5 (StableDiffusion3Pipeline) model"
-    )
 
 
 def _first_line(err: BaseException) -> str:
@@ -71,7 +59,7 @@ def load_diffusers(
     elif local.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ConceptAttentionError(
             f"--model {short(model)} is neither a model folder nor a hub id (owner/name); give a diffusers model folder, "
-            "a hub id such as black-forest-labs/FLUX.1-schnell, or 'shapes'"
+            "a hub id (owner/name: see `conceptattention models`), or 'shapes'"
         )
     else:
         try:
@@ -87,7 +75,7 @@ def load_diffusers(
                 f"(`hf download {model} --local-dir DIR`, after accepting the model's licence on the hub) and pass "
                 "--model DIR, or 'shapes' for the built-in model"
             ) from None
-    _family(pipe)
+    family_for_pipeline(pipe)
     if offload == "model":
         pipe.enable_model_cpu_offload()
     elif offload == "sequential":
@@ -99,13 +87,19 @@ def load_diffusers(
     return pipe
 
 
-class MMDiTPipeline:
-    """generate / encode with maps for a diffusers FluxPipeline or StableDiffusion3Pipeline."""
+class MMDiTPipeline(MapsPipeline):
+    """generate / encode / token_maps with maps for any supported diffusers pipeline."""
+
+    options = frozenset({"height", "width", "size", "concept_tokens", "progress"})
 
     def __init__(self, pipe: Any, name: str | None = None) -> None:
         self.pipe = pipe
-        self.family = _family(pipe)
+        self.model_family: Family = family_for_pipeline(pipe)
+        self.model_family.check_pipeline(pipe)
+        self.family = self.model_family.name
         self.name = name or getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
+        self.default_t = self.model_family.default_t
+        self.default_samples = self.model_family.default_samples
 
     @classmethod
     def from_pretrained(cls, model: str, **kwargs: Any) -> MMDiTPipeline:
@@ -113,37 +107,25 @@ class MMDiTPipeline:
 
     # ----- settings ---------------------------------------------------------------------------------
     @property
-    def transformer(self) -> Any:  # a diffusers FluxTransformer2DModel / SD3Transformer2DModel
+    def transformer(self) -> Any:
         return self.pipe.transformer
 
     @property
     def device(self) -> torch.device:
         return self.pipe._execution_device
 
-    #: The paper's real-image protocol: noise at t = 0.5, 5 noise draws averaged.
-    default_t: float = 0.5
-    default_samples: int = 5
-
     @property
     def default_layers(self) -> tuple[int, ...]:
-        n = len(self.transformer.transformer_blocks)
-        if self.family == "flux" and n == 19:
-            return FLUX_LAYERS
-        from ..core import default_layers
-
-        return default_layers(n)
+        family = self.model_family
+        return family.default_layers(self.transformer) or default_layers(len(family.double_blocks(self.transformer)))
 
     def _session(self, embeds, layers, readouts, calls=None) -> ConceptAttention:
         chosen = list(layers) if layers else list(self.default_layers)
-        return ConceptAttention(self.transformer, embeds, layers=chosen, readouts=list(readouts), calls=calls)
+        return ConceptAttention(
+            self.transformer, embeds, layers=chosen, readouts=list(readouts), calls=calls, family=self.model_family
+        )
 
     # ----- concepts --------------------------------------------------------------------------------
-    def _concept_tokenizer(self) -> tuple[Any, int]:
-        """The tokenizer whose encoder gives concept embeddings, and the index of a word's first token."""
-        if self.family == "sd3" and getattr(self.pipe, "text_encoder_3", None) is None:
-            return self.pipe.tokenizer, 1  # CLIP: position 0 is the start token
-        return (self.pipe.tokenizer_2 if self.family == "flux" else self.pipe.tokenizer_3), 0
-
     @torch.no_grad()
     def encode_concepts(
         self, concepts: Sequence[str], concept_tokens: str = "first", max_length: int = 256
@@ -152,7 +134,7 @@ class MMDiTPipeline:
         words = distinct_concepts(concepts)
         if concept_tokens not in ("first", "mean"):
             raise ConceptAttentionError(f"concept_tokens must be 'first' or 'mean', not {concept_tokens!r}")
-        tokenizer, first = self._concept_tokenizer()
+        tokenizer, first = self.model_family.concept_tokenizer(self.pipe)
         counts = [len(tokenizer(w, add_special_tokens=False).input_ids) for w in words]
         empty = [w for w, n in zip(words, counts) if n == 0]
         if empty:
@@ -164,25 +146,12 @@ class MMDiTPipeline:
                 "Pass concept_tokens='mean' to average over each word's tokens.",
                 stacklevel=2,
             )
-        embeds = self._token_states(words, max_length)  # [K, L, D]
+        embeds = self.model_family.token_states(self.pipe, words, max_length)  # [K, L, D]
         rows = []
         for k, n in enumerate(counts):
             span = embeds[k, first : first + (n if concept_tokens == "mean" else 1)]
             rows.append(span.mean(0))
         return torch.stack(rows)
-
-    def _token_states(self, words: list[str], max_length: int) -> torch.Tensor:
-        """Per-token text-encoder states ``[K, L, D]`` of each word encoded as a prompt."""
-        pipe, device = self.pipe, self.device
-        if self.family == "flux":
-            return pipe._get_t5_prompt_embeds(prompt=words, max_sequence_length=max_length, device=device)
-        if getattr(pipe, "text_encoder_3", None) is not None:
-            return pipe._get_t5_prompt_embeds(prompt=words, max_sequence_length=max_length, device=device)
-        clip_l, _ = pipe._get_clip_prompt_embeds(prompt=words, device=device, clip_model_index=0)
-        clip_g, _ = pipe._get_clip_prompt_embeds(prompt=words, device=device, clip_model_index=1)
-        clip = torch.cat([clip_l, clip_g], dim=-1)
-        width = self.transformer.config.joint_attention_dim
-        return F.pad(clip, (0, width - clip.shape[-1]))
 
     # ----- generate --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -211,12 +180,12 @@ class MMDiTPipeline:
             ("height", height),
             ("width", width),
             ("num_inference_steps", steps),
-            ("guidance_scale", guidance),
+            (self.model_family.guidance_argument, guidance),
         ):
             if value is not None:
                 kwargs[key] = value
         generator = torch.Generator(device="cpu").manual_seed(check_seed(seed))
-        steps_taken = kwargs.get("num_inference_steps", 28)
+        steps_taken = kwargs.get("num_inference_steps", call_default(self.pipe, "num_inference_steps"))
         calls = self._step_calls(kwargs, map_steps)
         began = time.perf_counter()
         session = self._session(embeds, layers, with_raw(readouts), calls=calls)
@@ -229,7 +198,7 @@ class MMDiTPipeline:
             "prompt": prompt,
             "seed": seed,
             "steps": steps_taken,
-            "guidance": kwargs.get("guidance_scale"),
+            "guidance": kwargs.get(self.model_family.guidance_argument),
             "layers": list(session.layers),
             "map_steps": list(map_steps) if map_steps is not None else None,
             "concept_tokens": concept_tokens,
@@ -237,26 +206,29 @@ class MMDiTPipeline:
             "readout": list(readouts)[0],
             "seconds": round(time.perf_counter() - began, 3),
         }
-        # SD3 with guidance > 1 batches [unconditional, conditional]: the last item is the prompt's
-        return result_from_session(image, session, list(concepts), settings, batch_index=-1)
+        return result_from_session(
+            image, session, list(concepts), settings, batch_index=self.model_family.prompt_batch_index
+        )
 
     def _step_calls(self, kwargs: dict, map_steps: Sequence[int] | None):
-        """Which transformer calls count: the steps asked for, never a true-CFG negative pass (Flux)."""
-        per_step = 1
-        if self.family == "flux" and kwargs.get("true_cfg_scale", 1.0) > 1 and kwargs.get("negative_prompt"):
-            per_step = 2  # the pipeline calls the transformer for the prompt, then for the negative prompt
+        """Which transformer calls count: the steps asked for, never a separate negative-prompt pass."""
+        per_step = self.model_family.calls_per_step(self.pipe, kwargs)
         wanted = None if map_steps is None else frozenset(int(s) for s in map_steps)
         return lambda call: call % per_step == 0 and (wanted is None or call // per_step in wanted)
 
     # ----- encode --------------------------------------------------------------------------------------
     def _size(self, image: Any, size: tuple[int, int] | None) -> tuple[int, int]:
-        multiple = self.pipe.vae_scale_factor * 2
+        """(W, H): ``size``, or the image scaled so its longer side is the family's default, each side
+        rounded to the nearest multiple the model takes."""
+        multiple = self.model_family.size_multiple(self.pipe)
+        wanted: tuple[float, float]
         if size is None:
             w, h = open_image(image).size
-            target = self.pipe.default_sample_size * self.pipe.vae_scale_factor
-            scale = target / max(w, h)
-            size = (w * scale, h * scale)
-        w, h = (max(multiple, int(round(s / multiple)) * multiple) for s in size)
+            scale = self.model_family.default_size(self.pipe) / max(w, h)
+            wanted = (w * scale, h * scale)
+        else:
+            wanted = (float(size[0]), float(size[1]))
+        w, h = (max(multiple, int(round(s / multiple)) * multiple) for s in wanted)
         return w, h
 
     @torch.no_grad()
@@ -360,34 +332,24 @@ class MMDiTPipeline:
             raise ConceptAttentionError(f"samples must be a whole number, at least 1, not {samples!r}")
         width, height = self._size(image, size)
         pixels = load_image(image, size=(width, height))
-        latents = self._latents(pixels)  # [1, C, h, w] scaled
+        latents = self.model_family.latents(self.pipe, pixels)  # [1, ...] as the sampler denoises them
         noise = noise_samples(latents.shape[1:], samples, seed).to(latents.device, latents.dtype)
         noisy = t * noise + (1 - t) * latents
-        return pixels, self._transformer_inputs(noisy, t, caption, guidance, max_sequence_length), (width, height)
-
-    def _prompt_tokenizer(self) -> tuple[Any, int]:
-        """The tokenizer of the prompt tokens image queries see, and where its tokens start in the
-        transformer's text sequence (SD3: after the 77 CLIP tokens; CLIP alone: after its start token)."""
-        if self.family == "flux":
-            return self.pipe.tokenizer_2, 0
-        if getattr(self.pipe, "text_encoder_3", None) is not None:
-            return self.pipe.tokenizer_3, self.pipe.tokenizer_max_length
-        return self.pipe.tokenizer, 1
+        inputs = self.model_family.transformer_inputs(self.pipe, noisy, t, caption, guidance, max_sequence_length)
+        return pixels, inputs, (width, height)
 
     def word_positions(self, caption: str, concept: str, max_sequence_length: int = 256) -> list[int]:
         """Indices in the transformer's text sequence of the tokens of ``concept``'s occurrences in
         ``caption`` (whole words, case-insensitive; several-word concepts match consecutive words)."""
-        tokenizer, start = self._prompt_tokenizer()
+        tokenizer, start, limit = self.model_family.prompt_tokenizer(self.pipe, max_sequence_length)
         words = caption.split()
-        counts = [len(tokenizer(w, add_special_tokens=False).input_ids) for w in words]
+        counts = self.model_family.caption_token_counts(tokenizer, words)
         starts = [start + sum(counts[:i]) for i in range(len(words))]
 
         def norm(w: str) -> str:
             return w.strip(".,;:!?\"'()").lower()
 
         target, normed = [norm(w) for w in concept.split()], [norm(w) for w in words]
-        clip_only = self.family == "sd3" and getattr(self.pipe, "text_encoder_3", None) is None
-        limit = self.pipe.tokenizer_max_length - 1 if clip_only else start + max_sequence_length  # truncation
         positions: list[int] = []
         for i in range(len(words) - len(target) + 1):
             if normed[i : i + len(target)] == target:
@@ -486,55 +448,3 @@ class MMDiTPipeline:
             return {name: torch.stack([m[name] for m in per_image]) for name in per_image[0]}
         except RuntimeError:
             raise ConceptAttentionError("these images give different token grids; pass size=(W, H)") from None
-
-    def _latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        x = (pixels[None] * 2 - 1).to(self.device, vae.dtype)
-        z = vae.encode(x).latent_dist.mean
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (z - shift) * vae.config.scaling_factor
-
-    def _transformer_inputs(
-        self, noisy: torch.Tensor, t: float, caption: str, guidance: float, max_sequence_length: int
-    ) -> dict:
-        pipe, s = self.pipe, noisy.shape[0]
-        dtype = self.transformer.dtype
-        if self.family == "flux":
-            prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-                caption,
-                prompt_2=None,
-                device=self.device,
-                num_images_per_prompt=s,
-                max_sequence_length=max_sequence_length,
-            )
-            _, c, h, w = noisy.shape
-            packed = pipe._pack_latents(noisy, s, c, h, w)
-            img_ids = pipe._prepare_latent_image_ids(s, h // 2, w // 2, self.device, dtype)
-            inputs = dict(
-                hidden_states=packed.to(dtype),
-                timestep=torch.full((s,), t, device=self.device, dtype=dtype),
-                encoder_hidden_states=prompt_embeds.to(dtype),
-                pooled_projections=pooled.to(dtype),
-                txt_ids=text_ids,
-                img_ids=img_ids,
-                return_dict=False,
-            )
-            if self.transformer.config.guidance_embeds:
-                inputs["guidance"] = torch.full((s,), guidance, device=self.device, dtype=torch.float32)
-            return inputs
-        prompt_embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=caption,
-            prompt_2=None,
-            prompt_3=None,
-            device=self.device,
-            num_images_per_prompt=s,
-            do_classifier_free_guidance=False,
-            max_sequence_length=max_sequence_length,
-        )
-        return dict(
-            hidden_states=noisy.to(dtype),
-            timestep=torch.full((s,), t * 1000.0, device=self.device, dtype=dtype),
-            encoder_hidden_states=prompt_embeds.to(dtype),
-            pooled_projections=pooled.to(dtype),
-            return_dict=False,
-        )

@@ -14,6 +14,7 @@ from PIL import Image
 from ..core import ConceptAttention, default_layers
 from ..errors import ConceptAttentionError
 from ..shapes.model import IMAGE, ShapesModel, pack, sampling_times, unpack
+from .base import MapsPipeline
 from .images import batch_seeds, fit_square, noise_samples, sum_word_tokens
 from .options import check_seed, distinct_concepts
 from .result import ConceptResult, result_from_maps, result_from_session, with_raw
@@ -33,8 +34,10 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array, "RGB")
 
 
-class ShapesPipeline:
-    """The shapes model behind the common ``generate`` / ``encode`` interface."""
+class ShapesPipeline(MapsPipeline):
+    """The shapes model behind the common ``generate`` / ``encode`` interface (64x64 images)."""
+
+    options = frozenset({"shift"})
 
     def __init__(self, model: ShapesModel, name: str = "shapes", weights_version: str | None = None) -> None:
         self.model = model.eval()
