@@ -26,20 +26,3 @@ def test_methods_registry_resolves_and_extends():
             register_method("uniform_test_method")(uniform)
     finally:
         METHODS.pop("uniform_test_method")
-
-
-# pipelines/mmdit.py's word positions (the DAAM method's word-to-token map): to move to test_pipelines_mmdit.py
-def test_flux_word_positions_follow_the_tokenizer():
-    from tiny_pipelines import tiny_flux_pipeline
-
-    from conceptattention.pipelines.mmdit import MMDiTPipeline
-
-    pipe = MMDiTPipeline(tiny_flux_pipeline())
-    caption = "a red dog on the grass"
-    ids = pipe.pipe.tokenizer_2(caption).input_ids
-    for word in ("dog", "grass", "red"):
-        positions = pipe.word_positions(caption, word)
-        word_ids = pipe.pipe.tokenizer_2(word, add_special_tokens=False).input_ids
-        assert positions and [ids[p] for p in positions] == word_ids
-    assert pipe.word_positions(caption, "cat") == []
-    assert pipe.word_positions(caption, "Dog") == pipe.word_positions(caption, "dog")

@@ -108,7 +108,7 @@ def test_generated_image_is_the_plain_pipelines(family, wrapped):
         call[wrapped.model_family.guidance_argument] = gen.pop("guidance")
     call.update(gen)
     plain = wrapped.pipe(
-        "a red dog on grass", generator=torch.Generator().manual_seed(3), output_type="pil", **call
+        prompt="a red dog on grass", generator=torch.Generator().manual_seed(3), output_type="pil", **call
     ).images[0]
     assert np.array_equal(np.asarray(res.image), np.asarray(plain))
     assert res.maps.shape == (3, call["height"], call["width"])
@@ -205,3 +205,48 @@ def test_no_family_is_named_outside_its_own_file():
         (str(p.relative_to(package)), name) for p in files for name in names if name.lower() in p.read_text().lower()
     }
     assert not found, f"family names outside src/conceptattention/families/: {sorted(found)}"
+
+
+def test_eval_runs_every_method_on_a_real_dataset_format(family, wrapped, tmp_path):
+    from tiny_datasets import tiny_voc
+
+    from conceptattention.eval.datasets import load_dataset
+    from conceptattention.eval.methods import METHODS
+    from conceptattention.eval.runner import evaluate
+
+    root, _ = tiny_voc(tmp_path)
+    bench = load_dataset("voc-multi", root)
+    results = evaluate(wrapped, bench, "all", limit=1, progress=False, samples=1, size=family.ENCODE["size"])
+    assert results is not None
+    text = repr(results)
+    for name in METHODS:
+        assert name in text
+    assert "nan" not in text.lower()
+
+
+def test_the_web_pages_buttons_work(family, wrapped, tmp_path):
+    pytest.importorskip("gradio")
+    from PIL import Image
+
+    from conceptattention.app import AppHandlers
+
+    class SmallImages:  # the page asks for the model's default size: too big for a tiny model's positions
+        def __getattr__(self, name):
+            return getattr(wrapped, name)
+
+        def generate(self, *args, **kwargs):
+            return wrapped.generate(*args, height=family.GENERATE["height"], width=family.GENERATE["width"], **kwargs)
+
+        def encode(self, *args, **kwargs):
+            return wrapped.encode(*args, size=family.ENCODE["size"], **kwargs)
+
+    handlers = AppHandlers(f"tiny-{family.FAMILY}", loader=lambda name, device: SmallImages())
+    try:
+        image, overlays, segmentation, archive = handlers.generate("a dog on grass", "dog, grass", 1, 0)
+        assert len(overlays) == 2 and Path(archive).is_file()
+        picture = tmp_path / "in.png"
+        Image.new("RGB", (56, 40), (90, 140, 60)).save(picture)
+        image, overlays, segmentation, archive = handlers.encode(str(picture), "a dog", "dog, grass", 0.5, 1)
+        assert len(overlays) == 2 and Path(archive).is_file()
+    finally:
+        handlers.close()

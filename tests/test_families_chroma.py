@@ -158,7 +158,7 @@ def test_a_concept_is_the_lone_word_prompts_first_token_state_at_position_zero(w
     )
     x = torch.randn(1, 1, pipe.transformer.config.num_attention_heads, pipe.transformer.config.attention_head_dim)
     assert torch.equal(family.apply_rope(x, family.text_rope(rope, 1, torch.float32)), x)
-    assert family.concept_rope(rope, torch.float32) is None
+    assert family.concept_rope(None, rope, torch.float32, None) is None
     cos, sin = rope_angles(torch.zeros(1, 3), pipe.transformer.config.axes_dims_rope)  # the reference's tables agree
     assert torch.equal(cos, torch.ones_like(cos)) and torch.equal(sin, torch.zeros_like(sin))
 

@@ -92,7 +92,7 @@ def test_concepts_take_the_first_text_position(model, h, w):
         model(**inputs)
     handle.remove()
     rope = seen[0]
-    table = family.concept_rope(rope, torch.float32)
+    table = family.concept_rope(model, rope, torch.float32, None)
     assert torch.equal(table, rope[1][:1])  # what the first prompt token is rotated by
     expected = angles(model.config.axes_dims_rope, text_positions(h, w, 1))  # position max(h//2, w//2)
     torch.testing.assert_close(table, torch.polar(torch.ones_like(expected), expected).to(table.dtype))
@@ -105,7 +105,7 @@ def test_maps_depend_on_the_concept_position(model):
     """The reference rotates concepts at the first text position; another position gives other maps."""
 
     class Shifted(QwenImage):
-        def concept_rope(self, rope, dtype):
+        def concept_rope(self, transformer, rope, dtype, position):
             return rope[1][1:2]
 
     inputs, embeds = spec.call_inputs(model, seed=4), concepts()

@@ -261,3 +261,20 @@ def test_cli_runs_a_local_flux_directory(tmp_path):
         ],
     )
     assert r.exit_code == 2 and "--size must look like 1024x768" in r.output
+
+
+def test_flux_word_positions_follow_the_tokenizer(flux):
+    pipe = flux
+    caption = "a red dog on the grass"
+    ids = pipe.pipe.tokenizer_2(caption).input_ids
+    for word in ("dog", "grass", "red"):
+        positions = pipe.word_positions(caption, word)
+        word_ids = pipe.pipe.tokenizer_2(word, add_special_tokens=False).input_ids
+        assert positions and [ids[p] for p in positions] == word_ids
+    assert pipe.word_positions(caption, "cat") == []
+    assert pipe.word_positions(caption, "Dog") == pipe.word_positions(caption, "dog")
+    # T5 truncation keeps its end token in the last slot: a word cut there has no position
+    ids = pipe.pipe.tokenizer_2(caption, max_length=5, truncation=True).input_ids  # a red dog on </s>
+    assert ids[-1] == pipe.pipe.tokenizer_2.eos_token_id
+    assert pipe.word_positions(caption, "on", max_sequence_length=5) == [3]
+    assert pipe.word_positions(caption, "the", max_sequence_length=5) == []  # its slot holds </s>

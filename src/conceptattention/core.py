@@ -56,6 +56,9 @@ class ConceptAttention(HookSession):
             pooled-text vector) or ``"prompt"`` (the prompt's own modulation). Families whose
             modulation takes no pooled text vector use the prompt's, which then carries no text.
         grid: token grid ``(h, w)`` of the image, when it cannot be read from the call's inputs.
+        concept_position: the text position concept tokens take, for families whose prompt tokens have
+            real RoPE positions (the pipelines pass where their template puts a lone word); None: the
+            family's first text position.
         family: force a :class:`~conceptattention.families.Family` instead of picking one by the
             transformer's class.
         differentiable: keep the autograd graph through the concept stream and its scores (the concept
@@ -79,6 +82,7 @@ class ConceptAttention(HookSession):
         readouts: Iterable[str | Readout] | str | Readout = "concept_attention",
         concept_pooled: str = "zero",
         grid: tuple[int, int] | None = None,
+        concept_position: int | None = None,
         family: Family | None = None,
         differentiable: bool = False,
     ) -> None:
@@ -92,6 +96,11 @@ class ConceptAttention(HookSession):
         if concept_pooled not in ("zero", "prompt"):
             raise ConceptAttentionError(f"concept_pooled must be 'zero' or 'prompt', not {concept_pooled!r}")
         self.concept_pooled = concept_pooled
+        if concept_position is not None and (
+            isinstance(concept_position, bool) or not isinstance(concept_position, int)
+        ):
+            raise ConceptAttentionError(f"concept_position must be an int or None, not {concept_position!r}")
+        self.concept_position = concept_position
         if grid is not None and (len(grid) != 2 or min(int(g) for g in grid) < 1):
             raise ConceptAttentionError(f"grid must be (rows, cols) of positive ints, not {grid!r}")
         self._grid_override = None if grid is None else (int(grid[0]), int(grid[1]))
@@ -240,7 +249,7 @@ class ConceptAttention(HookSession):
             self._rope = rope
             self._rope_tables = (
                 self.family.image_rope(rope, num_image, dtype),
-                self.family.concept_rope(rope, dtype),
+                self.family.concept_rope(self.transformer, rope, dtype, self.concept_position),
             )
         return self._rope_tables
 

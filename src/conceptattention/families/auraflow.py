@@ -94,7 +94,7 @@ class AuraFlow(Family):
             embeds = torch.stack([e.roll(-int(p), 0) for e, p in zip(embeds, pads)])
         return embeds
 
-    def prompt_tokenizer(self, pipe: Any, max_length: int) -> tuple[Any, int, int]:
+    def prompt_tokenizer(self, pipe: Any, max_length: int, caption: str) -> tuple[Any, int, int]:
         tokenizer = pipe.tokenizer
         if tokenizer.padding_side != "right":
             raise ConceptAttentionError(

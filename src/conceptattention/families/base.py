@@ -160,9 +160,10 @@ class Family:
         """The prompt tokens' rotation (None: prompt keys are not rotated)."""
         return None
 
-    def concept_rope(self, rope: Any, dtype: torch.dtype) -> Any:
-        """The rotation of concept queries and keys (None: identity). Concept tokens take the position
-        a lone concept, encoded as a prompt of its own, would have: the first text position."""
+    def concept_rope(self, transformer: nn.Module, rope: Any, dtype: torch.dtype, position: int | None) -> Any:
+        """The rotation of concept queries and keys (None: identity). Concept tokens take the position a
+        lone concept, encoded as a prompt of its own, would have: ``position`` (from the pipeline side's
+        :meth:`concept_position`), or the family's first text position when it is None."""
         return None
 
     def apply_rope(self, x: torch.Tensor, table: Any) -> torch.Tensor:
@@ -300,11 +301,16 @@ class Family:
         spaced = [(" " if i and self.spaced_words else "") + w for i, w in enumerate(words)]
         return [len(tokenizer(w, add_special_tokens=False).input_ids) for w in spaced]
 
-    def prompt_tokenizer(self, pipe: Any, max_length: int) -> tuple[Any, int, int]:
-        """For word positions in a caption: the tokenizer of the prompt tokens image queries see, the
+    def prompt_tokenizer(self, pipe: Any, max_length: int, caption: str) -> tuple[Any, int, int]:
+        """For word positions in ``caption``: the tokenizer of the prompt tokens image queries see, the
         index of the caption's first token in the transformer's text sequence, and the end (exclusive)
         of the positions that survive truncation."""
         raise NotImplementedError
+
+    def concept_position(self, pipe: Any, max_length: int) -> int | None:
+        """The text position a lone concept's first token has when the pipeline encodes it as a prompt
+        (None: the transformer side's default), for families whose prompt tokens have real positions."""
+        return None
 
     def latents(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels ``[3, H, W]`` in [0, 1] -> the clean latents the sampler denoises, ``[1, ...]``."""

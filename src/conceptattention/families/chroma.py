@@ -85,7 +85,7 @@ class Chroma(Family):
         )
         return embeds
 
-    def prompt_tokenizer(self, pipe: Any, max_length: int) -> tuple[Any, int, int]:
+    def prompt_tokenizer(self, pipe: Any, max_length: int, caption: str) -> tuple[Any, int, int]:
         # a truncated prompt keeps T5's end token in its last slot
         return pipe.tokenizer, 0, max_length - 1
 

@@ -56,8 +56,8 @@ class Flux(Family):
     def token_states(self, pipe: Any, words: list[str], max_length: int) -> torch.Tensor:
         return pipe._get_t5_prompt_embeds(prompt=words, max_sequence_length=max_length, device=pipe._execution_device)
 
-    def prompt_tokenizer(self, pipe: Any, max_length: int) -> tuple[Any, int, int]:
-        return pipe.tokenizer_2, 0, max_length
+    def prompt_tokenizer(self, pipe: Any, max_length: int, caption: str) -> tuple[Any, int, int]:
+        return pipe.tokenizer_2, 0, max_length - 1  # a truncated prompt keeps T5's end token in its last slot
 
     def transformer_inputs(
         self, pipe: Any, noisy: torch.Tensor, t: float, caption: str, guidance: float, max_length: int

@@ -14,7 +14,7 @@ A lone concept quotes nothing, so it has no ByT5 glyph tokens.
 
 Prompt tokens: with glyph states (the pipeline always passes them, all masked when nothing is quoted) the model
 orders text as [valid ByT5, valid Qwen, padding], and ``prompt_mask`` follows. Word positions are a caption's Qwen
-tokens, for captions without quoted text; byte-level BPE tokenizes each word after the first with its space.
+tokens, after the valid ByT5 tokens of its quoted text; byte-level BPE tokenizes a word after a space with it.
 
 Real images: latents ``mean(VAE) * scaling_factor`` (no shift: the base's ``latents``), timestep ``1000 t``, guidance
 ``1000 g`` (``distilled_guidance_scale``) for guidance-distilled models, and ``timestep_r = timestep`` for MeanFlow
@@ -101,9 +101,15 @@ class HunyuanImage(Family):
         )
         return embeds
 
-    def prompt_tokenizer(self, pipe: Any, max_length: int) -> tuple[Any, int, int]:
+    def prompt_tokenizer(self, pipe: Any, max_length: int, caption: str) -> tuple[Any, int, int]:
+        """Qwen tokens follow the caption's valid ByT5 tokens (its quoted text) in the model's text order."""
+        from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text
+
         tokenizer, first = self.concept_tokenizer(pipe)
-        return tokenizer, first, pipe.tokenizer_max_length  # the pipeline keeps tokenizer_max_length tokens
+        glyph, quoted = 0, extract_glyph_text(caption)
+        if quoted is not None and getattr(pipe, "tokenizer_2", None) is not None:
+            glyph = len(pipe.tokenizer_2(quoted, max_length=pipe.tokenizer_2_max_length, truncation=True).input_ids)
+        return tokenizer, glyph + first, glyph + pipe.tokenizer_max_length  # it keeps tokenizer_max_length tokens
 
     def transformer_inputs(
         self, pipe: Any, noisy: torch.Tensor, t: float, caption: str, guidance: float, max_length: int

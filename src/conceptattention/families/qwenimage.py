@@ -69,8 +69,8 @@ class QwenImage(Family):
     def text_rope(self, rope: Any, num_text_tokens: int, dtype: torch.dtype) -> Any:
         return rope[1][:num_text_tokens]
 
-    def concept_rope(self, rope: Any, dtype: torch.dtype) -> Any:
-        return rope[1][:1]  # the first text position: a lone-word prompt's first token
+    def concept_rope(self, transformer: nn.Module, rope: Any, dtype: torch.dtype, position: int | None) -> Any:
+        return rope[1][:1]  # the first text position: a lone-word prompt's first token (the template is dropped)
 
     def apply_rope(self, x: torch.Tensor, table: Any) -> torch.Tensor:
         """Channel pairs of ``[B, N, H, Dh]`` as complex numbers times ``table`` ``[N | 1, Dh/2]``, in float32."""
@@ -117,7 +117,7 @@ class QwenImage(Family):
         longest = max(s.shape[0] for s in states)
         return torch.stack([F.pad(s, (0, 0, 0, longest - s.shape[0])) for s in states])
 
-    def prompt_tokenizer(self, pipe: Any, max_length: int) -> tuple[Any, int, int]:
+    def prompt_tokenizer(self, pipe: Any, max_length: int, caption: str) -> tuple[Any, int, int]:
         return pipe.tokenizer, 0, min(max_length, pipe.tokenizer_max_length)
 
     def latents(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:

@@ -57,11 +57,11 @@ class SD3(Family):
         clip = torch.cat([clip_l, clip_g], dim=-1)
         return F.pad(clip, (0, pipe.transformer.config.joint_attention_dim - clip.shape[-1]))
 
-    def prompt_tokenizer(self, pipe: Any, max_length: int) -> tuple[Any, int, int]:
+    def prompt_tokenizer(self, pipe: Any, max_length: int, caption: str) -> tuple[Any, int, int]:
         if getattr(pipe, "text_encoder_3", None) is None:
             return pipe.tokenizer, 1, pipe.tokenizer_max_length - 1  # CLIP's end token takes the last slot
         start = pipe.tokenizer_max_length
-        return pipe.tokenizer_3, start, start + max_length
+        return pipe.tokenizer_3, start, start + max_length - 1  # T5's end token takes its last slot
 
     def transformer_inputs(
         self, pipe: Any, noisy: torch.Tensor, t: float, caption: str, guidance: float, max_length: int

@@ -119,10 +119,17 @@ class MMDiTPipeline(MapsPipeline):
         family = self.model_family
         return family.default_layers(self.transformer) or default_layers(len(family.double_blocks(self.transformer)))
 
-    def _session(self, embeds, layers, readouts, calls=None) -> ConceptAttention:
+    def _session(self, embeds, layers, readouts, calls=None, max_length: int = 256) -> ConceptAttention:
+        """A session for concepts encoded with ``max_length`` (where the pipeline puts a lone word)."""
         chosen = list(layers) if layers else list(self.default_layers)
         return ConceptAttention(
-            self.transformer, embeds, layers=chosen, readouts=list(readouts), calls=calls, family=self.model_family
+            self.transformer,
+            embeds,
+            layers=chosen,
+            readouts=list(readouts),
+            calls=calls,
+            family=self.model_family,
+            concept_position=self.model_family.concept_position(self.pipe, max_length),
         )
 
     # ----- concepts --------------------------------------------------------------------------------
@@ -190,7 +197,7 @@ class MMDiTPipeline(MapsPipeline):
         began = time.perf_counter()
         session = self._session(embeds, layers, with_raw(readouts), calls=calls)
         with session:
-            image = self.pipe(prompt, generator=generator, output_type="pil", **kwargs).images[0]
+            image = self.pipe(prompt=prompt, generator=generator, output_type="pil", **kwargs).images[0]
         settings = {
             "model": self.name,
             "family": self.family,
@@ -245,7 +252,7 @@ class MMDiTPipeline(MapsPipeline):
         layers: Sequence[int] | None = None,
         readouts: Sequence[str] = ("concept_attention",),
         concept_tokens: str = "first",
-        guidance: float = 0.0,
+        guidance: float | None = None,
         max_sequence_length: int = 256,
     ) -> ConceptResult:
         """A real image -> maps (paper protocol: t = 0.5, 5 noise draws, averaged)."""
@@ -276,6 +283,7 @@ class MMDiTPipeline(MapsPipeline):
             "size": [width, height],
             "layers": list(layers) if layers else list(self.default_layers),
             "concept_tokens": concept_tokens,
+            "guidance": guidance,  # None: the pipeline's default scale
             "readout": list(readouts)[0],
             "seconds": round(time.perf_counter() - began, 3),
         }
@@ -295,7 +303,7 @@ class MMDiTPipeline(MapsPipeline):
         size: tuple[int, int] | None,
         layers: Sequence[int] | None,
         readouts: Sequence[str],
-        guidance: float,
+        guidance: float | None,
         max_sequence_length: int,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[int, int]]:
         """One image's pixels, ``{readout: [K, h, w]}`` maps (mean over noise draws) and its (W, H)."""
@@ -309,7 +317,7 @@ class MMDiTPipeline(MapsPipeline):
             guidance=guidance,
             max_sequence_length=max_sequence_length,
         )
-        with self._session(embeds, layers, readouts) as session:
+        with self._session(embeds, layers, readouts, max_length=max_sequence_length) as session:
             session.forward_until_last_layer(**inputs)
         maps = {name: m.mean(0).float().cpu() for name, m in session.all_maps().items()}
         return pixels, maps, size
@@ -323,7 +331,7 @@ class MMDiTPipeline(MapsPipeline):
         samples: int,
         seed: int,
         size: tuple[int, int] | None,
-        guidance: float,
+        guidance: float | None,
         max_sequence_length: int,
     ) -> tuple[torch.Tensor, dict, tuple[int, int]]:
         """Pixels, the transformer inputs of S noise draws at ``t`` (draw s from seed + s), and (W, H)."""
@@ -335,13 +343,15 @@ class MMDiTPipeline(MapsPipeline):
         latents = self.model_family.latents(self.pipe, pixels)  # [1, ...] as the sampler denoises them
         noise = noise_samples(latents.shape[1:], samples, seed).to(latents.device, latents.dtype)
         noisy = t * noise + (1 - t) * latents
+        if guidance is None:  # a guidance-embedding model sees the scale its pipeline samples with by default
+            guidance = float(call_default(self.pipe, self.model_family.guidance_argument) or 0.0)
         inputs = self.model_family.transformer_inputs(self.pipe, noisy, t, caption, guidance, max_sequence_length)
         return pixels, inputs, (width, height)
 
     def word_positions(self, caption: str, concept: str, max_sequence_length: int = 256) -> list[int]:
         """Indices in the transformer's text sequence of the tokens of ``concept``'s occurrences in
         ``caption`` (whole words, case-insensitive; several-word concepts match consecutive words)."""
-        tokenizer, start, limit = self.model_family.prompt_tokenizer(self.pipe, max_sequence_length)
+        tokenizer, start, limit = self.model_family.prompt_tokenizer(self.pipe, max_sequence_length, caption)
         words = caption.split()
         counts = self.model_family.caption_token_counts(tokenizer, words)
         starts = [start + sum(counts[:i]) for i in range(len(words))]
@@ -370,7 +380,7 @@ class MMDiTPipeline(MapsPipeline):
         layers: Sequence[int] | None = None,
         size: tuple[int, int] | None = None,
         concept_tokens: str = "first",
-        guidance: float = 0.0,
+        guidance: float | None = None,
         max_sequence_length: int = 256,
     ) -> torch.Tensor:
         """DAAM-style maps ``[B, K, h, w]``: image-to-prompt attention summed over each concept's tokens in
@@ -419,7 +429,7 @@ class MMDiTPipeline(MapsPipeline):
         layers: Sequence[int] | None = None,
         size: tuple[int, int] | None = None,
         concept_tokens: str = "first",
-        guidance: float = 0.0,
+        guidance: float | None = None,
         max_sequence_length: int = 256,
     ) -> dict[str, torch.Tensor]:
         """``encode`` for several images (one pass each): ``{readout: [B, K, h, w]}`` float32 on the CPU.
