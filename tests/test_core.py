@@ -334,7 +334,7 @@ def test_bad_arguments(arguments, match):
 def test_unsupported_transformer_names_the_supported_ones():
     with pytest.raises(
         UnsupportedModelError,
-        match="no ConceptAttention family for Linear; supported transformers: .*FluxTransformer2DModel.*SD3Transformer2DModel",
+        match=r"no ConceptAttention family for Linear; supported families: .*FLUX\.1 \(FluxTransformer2DModel\).*SD3 / SD3\.5 \(SD3Transformer2DModel\)",
     ):
         ConceptAttention(nn.Linear(2, 2), concepts(2))
     from diffusers import UNet2DModel

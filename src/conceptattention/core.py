@@ -81,7 +81,7 @@ class ConceptAttention(HookSession):
         calls: Iterable[int] | Callable[[int], bool] | None = None,
         readouts: Iterable[str | Readout] | str | Readout = "concept_attention",
         concept_pooled: str = "zero",
-        grid: tuple[int, int] | None = None,
+        grid: tuple[int, ...] | None = None,
         concept_position: int | None = None,
         family: Family | None = None,
         differentiable: bool = False,
@@ -101,9 +101,11 @@ class ConceptAttention(HookSession):
         ):
             raise ConceptAttentionError(f"concept_position must be an int or None, not {concept_position!r}")
         self.concept_position = concept_position
-        if grid is not None and (len(grid) != 2 or min(int(g) for g in grid) < 1):
-            raise ConceptAttentionError(f"grid must be (rows, cols) of positive ints, not {grid!r}")
-        self._grid_override = None if grid is None else (int(grid[0]), int(grid[1]))
+        if grid is not None and (len(grid) not in (2, 3) or min(int(g) for g in grid) < 1):
+            raise ConceptAttentionError(
+                f"grid must be (rows, cols), or (frames, rows, cols) for video, of positive ints, not {grid!r}"
+            )
+        self._grid_override = None if grid is None else tuple(int(g) for g in grid)
         # Streams in a fixed order; ConceptAttention's own stream first.
         wanted = {r.stream for r in self.readouts.values()}
         self._streams = [s for s in STREAMS if s in wanted]
@@ -255,6 +257,7 @@ class ConceptAttention(HookSession):
 
     def _concept_block(self, index: int, block: nn.Module, arguments: dict[str, Any]) -> None:
         capture, self._capture = self._capture, {}
+        capture = {name: self.family.image_part(name, t, arguments) for name, t in capture.items()}
         missing = {"key", "value", "output"} - capture.keys()
         if missing:
             raise ConceptAttentionError(
@@ -361,8 +364,8 @@ class ConceptAttention(HookSession):
         name = self._name(readout)
         return self._sums[name] / self._counts[name]
 
-    def grid(self) -> tuple[int, int]:
-        """Token grid ``(h, w)`` of the last recorded call."""
+    def grid(self) -> tuple[int, ...]:
+        """Token grid of the last recorded call: ``(h, w)``, or ``(F, h, w)`` for video (latent frames)."""
         if self._grid_override is not None:
             return self._grid_override
         call = self._last_call
@@ -373,15 +376,17 @@ class ConceptAttention(HookSession):
         return call.grid()
 
     def maps(self, readout: str | None = None) -> torch.Tensor:
-        """Mean saliency on the token grid, ``[B, K, h, w]`` float32, on the model's device."""
+        """Mean saliency on the token grid, float32, on the model's device: ``[B, K, h, w]`` for an image,
+        ``[B, K, F, h, w]`` for a video (F latent frames)."""
         tokens = self.token_maps(readout)
-        h, w = self.grid()
-        if h * w != tokens.shape[-1]:
+        grid = self.grid()
+        if math.prod(grid) != tokens.shape[-1]:
             raise ConceptAttentionError(
-                f"grid {h}x{w} does not hold the {tokens.shape[-1]} image tokens; pass grid=(rows, cols)"
+                f"grid {'x'.join(map(str, grid))} does not hold the {tokens.shape[-1]} image tokens; "
+                "pass grid=(rows, cols)"
             )
-        return tokens.unflatten(-1, (h, w))
+        return tokens.unflatten(-1, grid)
 
     def all_maps(self) -> dict[str, torch.Tensor]:
-        """Every recorded readout's maps, ``{name: [B, K, h, w]}``."""
+        """Every recorded readout's maps, ``{name: [B, K, h, w]}`` (video: ``[B, K, F, h, w]``)."""
         return {name: self.maps(name) for name in self.readouts if self._counts[name]}

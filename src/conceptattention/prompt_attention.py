@@ -29,7 +29,7 @@ class PromptAttention(HookSession):
         self.layers = check_layers(layers, len(self._blocks))
         self._sum: torch.Tensor | None = None
         self._count = 0
-        self._grid: Callable[[], tuple[int, int]] | None = None
+        self._grid: Callable[[], tuple[int, ...]] | None = None
         self._call_ended()
 
     def _call_ended(self) -> None:
@@ -65,6 +65,7 @@ class PromptAttention(HookSession):
                 self._accumulate(index, capture, arguments)
 
     def _accumulate(self, index: int, capture: dict[str, torch.Tensor], arguments: dict[str, Any]) -> None:
+        capture = {name: self.family.image_part(name, t, arguments) for name, t in capture.items()}
         query, key = capture.get("image_query"), capture.get("prompt_key")  # [B, N|S, H, Dh]
         if query is None or key is None:
             raise ConceptAttentionError(
@@ -94,8 +95,7 @@ class PromptAttention(HookSession):
 
     # ----- reading ----------------------------------------------------------------------------------------
     def maps(self) -> torch.Tensor:
-        """Mean image-to-prompt attention ``[B, S, h, w]`` float32 (S prompt tokens)."""
+        """Mean image-to-prompt attention ``[B, S, h, w]`` float32 (S prompt tokens; video: ``[B, S, F, h, w]``)."""
         if self._sum is None or self._grid is None:
             raise ConceptAttentionError("no prompt attention was recorded: call the transformer inside the block")
-        h, w = self._grid()
-        return (self._sum / self._count).unflatten(-1, (h, w))
+        return (self._sum / self._count).unflatten(-1, self._grid())

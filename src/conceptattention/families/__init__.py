@@ -48,10 +48,10 @@ def family_for_transformer(transformer: Any) -> Family:
     for family in reversed(FAMILIES):
         if family.matches(transformer, family.transformer_classes):
             return family
+    families = "; ".join(f"{f.title} ({', '.join(f.transformer_classes)})" for f in FAMILIES)
     raise UnsupportedModelError(
-        f"no ConceptAttention family for {type(transformer).__name__}; supported transformers: "
-        f"{', '.join(supported_transformers())} (pass the pipeline's .transformer, or add a family: see "
-        "conceptattention.families)"
+        f"no ConceptAttention family for {type(transformer).__name__}; supported families: {families} "
+        "(pass the pipeline's .transformer, or add a family: see conceptattention.families)"
     )
 
 

@@ -39,7 +39,7 @@ Converter = Callable[[Any], torch.Tensor]
 class CallInputs:
     """What the core keeps from one transformer call's arguments (no host sync to read them)."""
 
-    grid: Callable[[], tuple[int, int]] | None  # evaluated lazily, after the call
+    grid: Callable[[], tuple[int, ...]] | None  # (h, w), or (F, h, w) for video; evaluated lazily, after the call
     num_image_tokens: int | None = None
 
 
@@ -220,6 +220,12 @@ class Family:
             points["prompt_key"] = (attn.add_k_proj, split)
         return points
 
+    def image_part(self, name: str, tensor: torch.Tensor, arguments: dict[str, Any]) -> torch.Tensor:
+        """A captured tensor (``key``, ``value``, ``output``, ``image_query``, ``prompt_key``) reduced to the
+        tokens it stands for, given the block's arguments: identity where the capture points see only
+        those (a family whose projections run on [text; image] together slices here)."""
+        return tensor
+
     def output_point(self, block: nn.Module) -> nn.Module:
         """Module whose *input* is the image tokens' attention output ``[B, N, H*Dh]``."""
         attn: Any = block.attn
@@ -280,6 +286,12 @@ class Family:
     prompt_batch_index: int = -1
     #: The pipeline's keyword for the guidance scale.
     guidance_argument: str = "guidance_scale"
+    #: Whether the family makes videos: its pipeline returns ``.frames`` (else ``.images``), its grid is
+    #: ``(F, h, w)`` latent frames x rows x columns, and ``latents`` takes ``[3, T, H, W]`` pixels.
+    video: bool = False
+    #: (video) The pipeline's keyword for the number of frames, and the frame rate its videos are saved at.
+    frames_argument: str = "num_frames"
+    fps: int = 16
 
     def concept_tokenizer(self, pipe: Any) -> tuple[Any, int]:
         """The tokenizer of the encoder concepts are embedded with, and the index in
@@ -313,7 +325,8 @@ class Family:
         return None
 
     def latents(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels ``[3, H, W]`` in [0, 1] -> the clean latents the sampler denoises, ``[1, ...]``."""
+        """Pixels ``[3, H, W]`` in [0, 1] (video: ``[3, T, H, W]``) -> the clean latents the sampler
+        denoises, ``[1, ...]`` (noise is drawn in this shape)."""
         vae = pipe.vae
         x = (pixels[None] * 2 - 1).to(pipe._execution_device, vae.dtype)
         z = vae.encode(x).latent_dist.mean
@@ -330,6 +343,12 @@ class Family:
     def size_multiple(self, pipe: Any) -> int:
         """Image sides must be multiples of this (VAE downsampling times the patch size)."""
         return pipe.vae_scale_factor * 2
+
+    def valid_frames(self, pipe: Any, frames: int) -> int:
+        """(video) The largest frame count of at most ``frames`` that the VAE takes (0: none): ``k * r + 1``
+        for a VAE of temporal compression r."""
+        ratio = int(getattr(pipe, "vae_scale_factor_temporal", 1) or 1)
+        return 0 if frames < 1 else (frames - 1) // ratio * ratio + 1
 
     def default_size(self, pipe: Any) -> int:
         """The longer side, in pixels, images are resized to by default."""
