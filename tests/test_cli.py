@@ -474,3 +474,17 @@ def test_train_shapes_without_the_lab_is_one_clear_error(tmp_path, monkeypatch):
         "from a clone of the repository, pip install -e lab\n"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_a_video_for_an_image_model_is_refused_before_anything_runs(tmp_path):
+    iio = pytest.importorskip("imageio.v3")
+    pytest.importorskip("imageio_ffmpeg")
+    path = tmp_path / "clip.mp4"
+    iio.imwrite(path, np.full((3, 16, 16, 3), 90, np.uint8), fps=4, codec="libx264", macro_block_size=1)
+    r = CliRunner().invoke(app, ["encode", str(path), "-c", "circle", "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "is a video, but 'shapes' is an image model" in r.output
+    assert not (tmp_path / "out").exists()
+    broken = tmp_path / "broken.webm"
+    broken.write_bytes(b"not a video")
+    r = CliRunner().invoke(app, ["encode", str(broken), "-c", "circle", "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and r.output.startswith("error: could not read the video") and r.output.count("\n") == 1

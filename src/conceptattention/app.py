@@ -141,14 +141,20 @@ def _outputs(result: Any, folder: Path) -> tuple[Any, list, Any, str]:
     from PIL import Image
 
     written = result.save(folder / "files")
-    overlays = [(_load_image(written[f"overlay:{c}"]), c) for c in result.concepts]
-    segmentation = _load_image(written["segmentation"])
+    video = "video" in written  # a video result: its overlay videos stay in the folder, to play on the page
+    if video:
+        overlays = [(str(written[f"overlay:{c}"]), c) for c in result.concepts]
+        segmentation = _load_image(written["grid"])  # frames x concepts
+    else:
+        overlays = [(_load_image(written[f"overlay:{c}"]), c) for c in result.concepts]
+        segmentation = _load_image(written["segmentation"])
     archive = folder / "conceptattention_maps.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        for key in ("maps", "maps_raw", "result", "image", "segmentation", "grid"):
+        for key in ("maps", "maps_raw", "result", "image", "video", "segmentation", "grid"):
             if key in written:
                 z.write(written[key], written[key].name)
-    shutil.rmtree(folder / "files", ignore_errors=True)
+    if not video:
+        shutil.rmtree(folder / "files", ignore_errors=True)
     image = result.image
     if max(image.size) < 384:  # small images (the shapes model's 64 px) shown enlarged, pixels kept sharp
         scale = 384 // max(image.size)
@@ -398,10 +404,19 @@ def build_app(model: str = "shapes", device: str = "cpu", allow_model_choice: bo
                 t = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="noise level t")
                 samples = gr.Slider(1, 8, value=4, step=1, label="noise samples")
             enc_button = gr.Button("Encode", variant="primary", elem_id="encode")
+        with gr.Tab("Encode a video"):
+            gr.Markdown("For video models: the maps play as videos below, one per concept.")
+            video_in = gr.Video(label="video (mp4, webm, gif)", elem_id="video-in")
+            video_caption = gr.Textbox(value="", label="caption (optional)")
+            video_concepts = gr.Textbox(value="", label="concepts", elem_id="video-concepts")
+            with gr.Row():
+                video_t = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="noise level t")
+                video_samples = gr.Slider(1, 8, value=2, step=1, label="noise samples")
+            video_button = gr.Button("Encode the video", variant="primary", elem_id="encode-video")
         with gr.Row():
             image_out = gr.Image(label="image", elem_id="image-out")
             segmentation = gr.Image(label="segmentation (argmax over concepts)", elem_id="segmentation")
-        overlays = gr.Gallery(label="one map per concept", columns=4, elem_id="overlays")
+        overlays = gr.Gallery(label="one map per concept (videos play)", columns=4, elem_id="overlays")
         download = gr.File(label="maps.npy, maps_raw.npy, result.json and pictures (zip)", elem_id="download")
         outputs = [image_out, overlays, segmentation, download]
         if model_box is None:
@@ -414,6 +429,7 @@ def build_app(model: str = "shapes", device: str = "cpu", allow_model_choice: bo
 
             gen_inputs = [prompt, gen_concepts, steps, seed]
             enc_inputs = [image_in, caption, enc_concepts, t, samples]
+            video_inputs = [video_in, video_caption, video_concepts, video_t, video_samples]
         else:
 
             def run_generate(model_name, prompt, concepts, steps, seed):
@@ -424,8 +440,10 @@ def build_app(model: str = "shapes", device: str = "cpu", allow_model_choice: bo
 
             gen_inputs = [model_box, prompt, gen_concepts, steps, seed]
             enc_inputs = [model_box, image_in, caption, enc_concepts, t, samples]
+            video_inputs = [model_box, video_in, video_caption, video_concepts, video_t, video_samples]
         gen_button.click(run_generate, gen_inputs, outputs, api_name="generate", concurrency_limit=CONCURRENCY)
         enc_button.click(run_encode, enc_inputs, outputs, api_name="encode", concurrency_limit=CONCURRENCY)
+        video_button.click(run_encode, video_inputs, outputs, api_name="encode_video", concurrency_limit=CONCURRENCY)
 
     page.handlers = handlers
     close_server = page.close

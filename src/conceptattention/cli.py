@@ -347,6 +347,7 @@ def generate(
     layers: list[int] | None = typer.Option(None, "--layers", help=LAYERS_HELP),
     height: int | None = typer.Option(None, min=16, max=16384, help="image height (diffusers models only)"),
     width: int | None = typer.Option(None, min=16, max=16384, help="image width (diffusers models only)"),
+    frames: int | None = typer.Option(None, min=1, max=100000, help="frames of the video (video models only)"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     offload: str | None = typer.Option(None, help="'model' or 'sequential' CPU offload (diffusers models)"),
@@ -376,7 +377,7 @@ def generate(
     out = _check_out(out)
     pipe = _load(model, device, dtype, offload)
     progress = (not quiet) if "progress" in pipe.options else None
-    extra = _options(pipe, height=height, width=width, shift=shift, progress=progress)
+    extra = _options(pipe, height=height, width=width, shift=shift, progress=progress, frames=frames)
     extra.update({k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None})
     result = pipe.generate(prompt, words, seed=seed, layers=layers, **extra)
     _report(result, out, quiet)
@@ -384,7 +385,10 @@ def generate(
 
 @app.command(**COMMAND)
 def encode(
-    image: Path = typer.Argument(..., help="image file (any size or mode; fitted to the model's input)"),
+    image: Path = typer.Argument(
+        ...,
+        help="image file (any size or mode; fitted to the model's input); for video models a video file or frames folder",
+    ),
     concepts: list[str] = typer.Option(
         ..., "--concepts", "-c", help="concept words: every word after -c up to the next option"
     ),
@@ -401,6 +405,9 @@ def encode(
     seed: int = typer.Option(0, min=0, max=SEED_MAX),
     layers: list[int] | None = typer.Option(None, "--layers", help=LAYERS_HELP),
     size: str | None = typer.Option(None, help="WIDTHxHEIGHT fed to the model (diffusers models only)"),
+    frames: int | None = typer.Option(
+        None, min=1, max=100000, help="at most this many frames of the video (video models; default: all it takes)"
+    ),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     offload: str | None = typer.Option(None, help="'model' or 'sequential' CPU offload (diffusers models)"),
@@ -417,13 +424,20 @@ def encode(
     """
     _quiet_libraries(verbose)
     from .pipelines import open_image
+    from .pipelines.video import is_video_path, load_video
 
     words = _concepts(concepts)
     parsed_size = _parse_size(size)
     out = _check_out(out)
-    picture = open_image(image)  # an unreadable image fails before the model loads
+    is_video = is_video_path(image)
+    picture: Any = load_video(image) if is_video else open_image(image)  # unreadable: fails before loading
     pipe = _load(model, device, dtype, offload)
-    extra = _options(pipe, size=parsed_size)
+    extra = _options(pipe, size=parsed_size, frames=frames)
+    makes_video = "frames" in pipe.options
+    if is_video and not makes_video:
+        raise ConceptAttentionError(f"{short(str(image))} is a video, but {short(pipe.name)} is an image model")
+    if makes_video and not is_video:
+        picture = [picture]  # an image is a video of one frame
     samples = pipe.default_samples if samples is None else samples
     result = pipe.encode(picture, words, caption=caption, t=t, samples=samples, seed=seed, layers=layers, **extra)
     _report(result, out, quiet)

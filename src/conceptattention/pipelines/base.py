@@ -8,8 +8,6 @@ page, eval) check a setting against the pipeline instead of recognising the pipe
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 
 #: Every optional setting some pipeline takes, with what it means (the keys of ``options``).
@@ -20,6 +18,7 @@ OPTIONS = {
     "shift": "the sampler's timestep shift (generate)",
     "concept_tokens": "'first' (paper) or 'mean' of a concept word's tokens",
     "progress": "a progress bar over the denoising steps (generate)",
+    "frames": "the number of frames (video models: generate, and at most this many for encode)",
 }
 
 
@@ -35,7 +34,7 @@ class MapsPipeline:
     """
 
     #: The optional settings (keys of :data:`OPTIONS`) this pipeline takes.
-    options: ClassVar[frozenset[str]] = frozenset()
+    options: frozenset[str] = frozenset()
     #: Noise level of a real-image pass, and noise draws averaged, unless told otherwise.
     default_t: float = 0.5
     default_samples: int = 5

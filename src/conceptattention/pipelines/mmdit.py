@@ -13,10 +13,11 @@ the family's (:mod:`conceptattention.families`); this module names none.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from .base import MapsPipeline
 from .images import batch_seeds, load_image, noise_samples, open_image, sum_word_tokens
 from .options import check_number, check_seed, distinct_concepts
 from .result import ConceptResult, result_from_maps, result_from_session, with_raw
+from .video import VideoResult, load_video, resize_frames, video_result
 
 
 def _first_line(err: BaseException) -> str:
@@ -100,6 +102,8 @@ class MMDiTPipeline(MapsPipeline):
         self.name = name or getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
         self.default_t = self.model_family.default_t
         self.default_samples = self.model_family.default_samples
+        if self.model_family.video:
+            self.options = type(self).options | {"frames"}
 
     @classmethod
     def from_pretrained(cls, model: str, **kwargs: Any) -> MMDiTPipeline:
@@ -177,17 +181,21 @@ class MMDiTPipeline(MapsPipeline):
         readouts: Sequence[str] = ("concept_attention",),
         concept_tokens: str = "first",
         progress: bool = True,
+        frames: int | None = None,
         **pipeline_kwargs: Any,
-    ) -> ConceptResult:
-        """Text -> image with the stock pipeline, plus one map per concept for the generated image."""
+    ) -> Any:
+        """Text -> image (a ConceptResult) or, for a video family, text -> video (a VideoResult, ``frames``
+        frames), with the stock pipeline, plus one map per concept."""
         self.pipe.set_progress_bar_config(disable=not progress)
-        embeds = self.encode_concepts(concepts, concept_tokens)
+        max_length = int(pipeline_kwargs.get("max_sequence_length", 256))  # concepts padded as the prompt is
+        embeds = self.encode_concepts(concepts, concept_tokens, max_length)
         kwargs: dict[str, Any] = dict(pipeline_kwargs)
         for key, value in (
             ("height", height),
             ("width", width),
             ("num_inference_steps", steps),
             (self.model_family.guidance_argument, guidance),
+            (self.model_family.frames_argument, self._frames_option(frames)),
         ):
             if value is not None:
                 kwargs[key] = value
@@ -195,9 +203,11 @@ class MMDiTPipeline(MapsPipeline):
         steps_taken = kwargs.get("num_inference_steps", call_default(self.pipe, "num_inference_steps"))
         calls = self._step_calls(kwargs, map_steps)
         began = time.perf_counter()
-        session = self._session(embeds, layers, with_raw(readouts), calls=calls)
-        with session:
-            image = self.pipe(prompt=prompt, generator=generator, output_type="pil", **kwargs).images[0]
+        session = self._session(embeds, layers, with_raw(readouts), calls=calls, max_length=max_length)
+        video = self.model_family.video
+        with session, _memory_error("the image or video"):
+            output = self.pipe(prompt=prompt, generator=generator, output_type="np" if video else "pil", **kwargs)
+        picture = _uint8_frames(output.frames[0]) if video else output.images[0]
         settings = {
             "model": self.name,
             "family": self.family,
@@ -209,13 +219,44 @@ class MMDiTPipeline(MapsPipeline):
             "layers": list(session.layers),
             "map_steps": list(map_steps) if map_steps is not None else None,
             "concept_tokens": concept_tokens,
-            "size": list(image.size),
+            "size": [int(picture.shape[2]), int(picture.shape[1])] if video else list(picture.size),
             "readout": list(readouts)[0],
             "seconds": round(time.perf_counter() - began, 3),
         }
+        if video:
+            index = self.model_family.prompt_batch_index
+            maps = {name: m[index] for name, m in session.all_maps().items()}
+            return video_result(
+                picture, maps, list(concepts), {**settings, "frames": len(picture)}, self.model_family.fps
+            )
         return result_from_session(
-            image, session, list(concepts), settings, batch_index=self.model_family.prompt_batch_index
+            picture, session, list(concepts), settings, batch_index=self.model_family.prompt_batch_index
         )
+
+    def _frames_option(self, frames: int | None) -> int | None:
+        if frames is None:
+            return None
+        if not self.model_family.video:
+            raise ConceptAttentionError(f"frames only apply to video models; {self.name} makes images")
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ConceptAttentionError(f"frames must be a whole number, at least 1, not {frames!r}")
+        return frames
+
+    def _video_pixels(
+        self, source: Any, size: tuple[int, int] | None, frames: int | None
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """A video's pixels ``[3, T, H, W]`` in [0, 1], resized and cut to a frame count the VAE takes, and
+        (W, H, the frames it had)."""
+        from PIL import Image
+
+        video = load_video(source)
+        count = self.model_family.valid_frames(self.pipe, min(len(video), frames or len(video)))
+        if count < 1:
+            raise ConceptAttentionError(
+                f"the video has {len(video)} frames, fewer than this model's VAE takes; give a longer video"
+            )
+        width, height = self._size(Image.fromarray(video[0]), size)
+        return resize_frames(video[:count], (width, height)), (width, height, len(video))
 
     def _step_calls(self, kwargs: dict, map_steps: Sequence[int] | None):
         """Which transformer calls count: the steps asked for, never a separate negative-prompt pass."""
@@ -254,12 +295,14 @@ class MMDiTPipeline(MapsPipeline):
         concept_tokens: str = "first",
         guidance: float | None = None,
         max_sequence_length: int = 256,
-    ) -> ConceptResult:
-        """A real image -> maps (paper protocol: t = 0.5, 5 noise draws, averaged)."""
+        frames: int | None = None,
+    ) -> ConceptResult | VideoResult:
+        """A real image -> maps (paper protocol: t = 0.5, 5 noise draws, averaged); for a video family, a real
+        video (file, folder of frames or frames) -> maps through time, at most ``frames`` frames."""
         check_seed(seed)
         began = time.perf_counter()
         embeds = self.encode_concepts(concepts, concept_tokens, max_sequence_length)
-        pixels, maps, (width, height) = self._encode_one(
+        pixels, maps, (width, height, *given) = self._encode_one(
             image,
             embeds,
             caption,
@@ -271,6 +314,7 @@ class MMDiTPipeline(MapsPipeline):
             readouts=with_raw(readouts),
             guidance=guidance,
             max_sequence_length=max_sequence_length,
+            frames=frames,
         )
         settings = {
             "model": self.name,
@@ -287,6 +331,10 @@ class MMDiTPipeline(MapsPipeline):
             "readout": list(readouts)[0],
             "seconds": round(time.perf_counter() - began, 3),
         }
+        if self.model_family.video:
+            video = _uint8_frames(pixels.permute(1, 2, 3, 0).cpu().numpy())
+            settings.update(frames=len(video), frames_given=given[0])  # more given: cut to what the VAE takes
+            return video_result(video, maps, list(concepts), settings, self.model_family.fps)
         from .shapes import to_pil
 
         return result_from_maps(to_pil(pixels), maps, list(concepts), settings)
@@ -305,9 +353,10 @@ class MMDiTPipeline(MapsPipeline):
         readouts: Sequence[str],
         guidance: float | None,
         max_sequence_length: int,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[int, int]]:
+        frames: int | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[int, ...]]:
         """One image's pixels, ``{readout: [K, h, w]}`` maps (mean over noise draws) and its (W, H)."""
-        pixels, inputs, size = self._noisy_inputs(
+        pixels, inputs, shape = self._noisy_inputs(
             image,
             caption,
             t=t,
@@ -316,11 +365,13 @@ class MMDiTPipeline(MapsPipeline):
             size=size,
             guidance=guidance,
             max_sequence_length=max_sequence_length,
+            frames=frames,
         )
         with self._session(embeds, layers, readouts, max_length=max_sequence_length) as session:
-            session.forward_until_last_layer(**inputs)
+            with _memory_error("the image or video"):
+                session.forward_until_last_layer(**inputs)
         maps = {name: m.mean(0).float().cpu() for name, m in session.all_maps().items()}
-        return pixels, maps, size
+        return pixels, maps, shape
 
     def _noisy_inputs(
         self,
@@ -333,20 +384,27 @@ class MMDiTPipeline(MapsPipeline):
         size: tuple[int, int] | None,
         guidance: float | None,
         max_sequence_length: int,
-    ) -> tuple[torch.Tensor, dict, tuple[int, int]]:
+        frames: int | None = None,
+    ) -> tuple[torch.Tensor, dict, tuple[int, ...]]:
         """Pixels, the transformer inputs of S noise draws at ``t`` (draw s from seed + s), and (W, H)."""
         check_number(t, "t", 0.0, 1.0)
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ConceptAttentionError(f"samples must be a whole number, at least 1, not {samples!r}")
-        width, height = self._size(image, size)
-        pixels = load_image(image, size=(width, height))
+        shape: tuple[int, ...]
+        if self.model_family.video:
+            pixels, shape = self._video_pixels(image, size, self._frames_option(frames))
+        else:
+            self._frames_option(frames)
+            width, height = self._size(image, size)
+            pixels = load_image(image, size=(width, height))
+            shape = (width, height)
         latents = self.model_family.latents(self.pipe, pixels)  # [1, ...] as the sampler denoises them
         noise = noise_samples(latents.shape[1:], samples, seed).to(latents.device, latents.dtype)
         noisy = t * noise + (1 - t) * latents
         if guidance is None:  # a guidance-embedding model sees the scale its pipeline samples with by default
             guidance = float(call_default(self.pipe, self.model_family.guidance_argument) or 0.0)
         inputs = self.model_family.transformer_inputs(self.pipe, noisy, t, caption, guidance, max_sequence_length)
-        return pixels, inputs, (width, height)
+        return pixels, inputs, shape
 
     def word_positions(self, caption: str, concept: str, max_sequence_length: int = 256) -> list[int]:
         """Indices in the transformer's text sequence of the tokens of ``concept``'s occurrences in
@@ -382,6 +440,7 @@ class MMDiTPipeline(MapsPipeline):
         concept_tokens: str = "first",
         guidance: float | None = None,
         max_sequence_length: int = 256,
+        frames: int | None = None,
     ) -> torch.Tensor:
         """DAAM-style maps ``[B, K, h, w]``: image-to-prompt attention summed over each concept's tokens in
         its caption (all zero for a concept the caption does not contain). ``concept_tokens`` is unused."""
@@ -403,6 +462,7 @@ class MMDiTPipeline(MapsPipeline):
                 size=size,
                 guidance=guidance,
                 max_sequence_length=max_sequence_length,
+                frames=frames,
             )
             with PromptAttention(self.transformer, layers=chosen) as session:
                 session.forward_until_last_layer(**inputs)
@@ -431,6 +491,7 @@ class MMDiTPipeline(MapsPipeline):
         concept_tokens: str = "first",
         guidance: float | None = None,
         max_sequence_length: int = 256,
+        frames: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """``encode`` for several images (one pass each): ``{readout: [B, K, h, w]}`` float32 on the CPU.
 
@@ -451,6 +512,7 @@ class MMDiTPipeline(MapsPipeline):
                 readouts=readouts,
                 guidance=guidance,
                 max_sequence_length=max_sequence_length,
+                frames=frames,
             )[1]
             for im, cap, sd in zip(images, captions, seeds)
         ]
@@ -458,3 +520,24 @@ class MMDiTPipeline(MapsPipeline):
             return {name: torch.stack([m[name] for m in per_image]) for name in per_image[0]}
         except RuntimeError:
             raise ConceptAttentionError("these images give different token grids; pass size=(W, H)") from None
+
+
+def _uint8_frames(frames: Any) -> Any:
+    """Frames ``[T, H, W, 3]`` as the pipeline returns them (floats in [0, 1], or uint8) -> uint8."""
+    import numpy as np
+
+    array = np.asarray(frames)
+    return array if array.dtype == np.uint8 else (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+
+
+@contextlib.contextmanager
+def _memory_error(what: str) -> Iterator[None]:
+    """An out-of-memory error of the device as one clear error (the hooks are gone by then)."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise ConceptAttentionError(
+            f"{what} is too large for this device (out of memory); pass a smaller size"
+            + (" or fewer frames" if "video" in what else "")
+            + ", or another --device"
+        ) from None

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # matplotlib is optional: imported only inside plot()
     from matplotlib.figure import Figure
 
 
-RESERVED = {"image", "maps", "maps_raw", "grid", "segmentation", "result"}
+RESERVED = {"image", "video", "maps", "maps_raw", "grid", "segmentation", "result"}
 
 
 def overlay_names(concepts: list[str]) -> list[str]:
