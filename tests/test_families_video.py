@@ -165,3 +165,23 @@ def test_cli_generates_and_encodes_videos_from_a_saved_model_folder(family, wrap
     encoded = iio.imread(tmp_path / "enc" / "video.mp4")
     assert encoded.shape[1:] == (h, w, 3)
     assert len(encoded) == wrapped.model_family.valid_frames(wrapped.pipe, len(video))
+
+
+def test_a_video_too_large_for_the_device_is_one_clear_error(family, wrapped, tmp_path):
+    from conceptattention.errors import ConceptAttentionError
+
+    block = wrapped.model_family.double_blocks(wrapped.transformer)[0]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    w, h = family.ENCODE["size"]
+    video = np.stack([np.full((h, w, 3), 30 * i, np.uint8) for i in range(5)])
+    before = hook_counts(wrapped.transformer)
+    handle = block.register_forward_pre_hook(out_of_memory)
+    try:
+        with pytest.raises(ConceptAttentionError, match="too large for this device .* fewer frames"):
+            wrapped.encode(video, ["dog"], samples=1, **family.ENCODE)
+    finally:
+        handle.remove()
+    assert hook_counts(wrapped.transformer) == before
