@@ -20,9 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import CONFIGS, build_model, make_inputs, sync  # noqa: E402
-
-from conceptattention import ConceptAttention  # noqa: E402
+from overhead import ALIASES, CONFIGS, NotSupported, build_model, concept_embeds, make_inputs, open_session, sync  # noqa: E402
 
 
 def profiled(fn, device: str) -> tuple[dict, object]:
@@ -48,20 +46,21 @@ def profiled(fn, device: str) -> tuple[dict, object]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=sorted(CONFIGS), default="mid")
+    p.add_argument("--config", choices=[*CONFIGS, *ALIASES], default="flux-mid")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--concepts", type=int, default=10)
     p.add_argument("--top", type=int, default=25)
     a = p.parse_args()
     dtype = getattr(torch, a.dtype)
-    cfg = CONFIGS[a.config]
+    name = ALIASES.get(a.config, a.config)
+    cfg = CONFIGS[name]
     model = build_model(cfg, a.device, dtype)
     inputs = make_inputs(cfg, a.device, dtype)
-    embeds = torch.randn(
-        a.concepts, cfg["model"]["joint_attention_dim"], generator=torch.Generator().manual_seed(1)
-    ).to(a.device, dtype)
-    session = ConceptAttention(model, embeds)
+    try:
+        session = open_session(model, concept_embeds(cfg, a.concepts, a.device, dtype), name, cfg, layers=cfg.layers)
+    except NotSupported as error:
+        sys.exit(f"profile_overhead.py: error: {error}")
 
     def ours():
         with session:
