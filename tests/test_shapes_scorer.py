@@ -10,6 +10,7 @@ import torch
 from conceptattention.shapes import scorer, world
 
 
+@pytest.mark.slow  # run with: python -m pytest -m slow
 def test_scorer_is_right_on_rendered_images_even_with_noise():
     s = world.sample_scenes(120, seed=2024)
     images, _ = world.render(s)
@@ -73,6 +74,7 @@ def test_unbound_baseline_is_the_mean_over_every_order_of_the_shapes():
     assert scorer.unbound_shapes_right([]) == 0.0
 
 
+@pytest.mark.slow  # run with: python -m pytest -m slow
 def test_scores_of_rendered_two_object_images_count_borrowed_shapes():
     s = world.sample_scenes(200, seed=5, max_objects=2)
     images, _ = world.render(s)
@@ -102,6 +104,7 @@ def _ragged(mask: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (mask ^ flip) & ~specks
 
 
+@pytest.mark.slow  # run with: python -m pytest -m slow
 def test_scorer_reads_shapes_through_ragged_outlines_and_specks():
     s = world.sample_scenes(200, seed=5, max_objects=1)
     masks = world.object_masks(s)[:, 0]

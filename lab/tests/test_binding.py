@@ -12,6 +12,7 @@ from conceptattention.shapes import world
 from conceptattention.shapes.model import ShapesModel
 
 
+@pytest.mark.slow  # run with: python -m pytest -m slow
 def test_binding_measure_is_zero_for_a_bag_of_words_model_and_sees_word_order_otherwise():
     from conceptattention_lab.binding import (
         binding,

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from conceptattention_lab import gpu_train
 
 
+@pytest.mark.slow  # run with: python -m pytest -m slow
 def test_budgeted_training_exports_small_shards_that_join_back(tiny_dir, tmp_path):
     run, export, joined = tmp_path / "run", tmp_path / "export", tmp_path / "joined"
     config = stage_file(tmp_path / "stage.json", init_from=str(tiny_dir), steps=3, bf16=True)

@@ -151,6 +151,7 @@ def test_the_layer_choice_is_the_best_mean_of_miou_shape_pick_and_colour_pick(mo
         release.choose_layers(None, [], progress=False)
 
 
+@pytest.mark.slow  # run with: python -m pytest -m slow
 def test_choose_sampler_searches_the_whole_grid_and_resumes_from_its_cache(tiny_dir, tmp_path, monkeypatch):
     pipe = ShapesPipeline.from_pretrained(tiny_dir)
     cache = tmp_path / "validation_samples.jsonl"
