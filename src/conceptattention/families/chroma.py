@@ -35,12 +35,12 @@ import torch
 from torch import nn
 
 from . import register_family
-from .base import CallInputs, Family, call_default, pair_tables, rotate_pairs
-from .flux import grid_from_ids
+from .base import call_default
+from .flux import FluxLayout
 
 
 @register_family
-class Chroma(Family):
+class Chroma(FluxLayout):
     name = "chroma"
     title = "Chroma"
     transformer_classes = ("ChromaTransformer2DModel",)
@@ -53,20 +53,6 @@ class Chroma(Family):
     def text_modulation(self, block: nn.Module, arguments: dict[str, Any], temb: torch.Tensor | None) -> Any:
         """The text stream's six modulation vectors, ``temb[:, 6:]`` of the block's own ``temb``."""
         return arguments["temb"][:, 6:]
-
-    def image_rope(self, rope: Any, num_image_tokens: int, dtype: torch.dtype) -> Any:
-        cos, sin = rope
-        return pair_tables(cos[-num_image_tokens:], sin[-num_image_tokens:], dtype)
-
-    def text_rope(self, rope: Any, num_text_tokens: int, dtype: torch.dtype) -> Any:
-        cos, sin = rope
-        return pair_tables(cos[:num_text_tokens], sin[:num_text_tokens], dtype)
-
-    def apply_rope(self, x: torch.Tensor, table: Any) -> torch.Tensor:
-        return rotate_pairs(x, table)
-
-    def read_call(self, transformer: nn.Module, arguments: dict[str, Any]) -> CallInputs:
-        return grid_from_ids(arguments)
 
     def prompt_mask(self, call: dict[str, Any], num_text_tokens: int) -> torch.Tensor | None:
         """The prompt part of the call's ``attention_mask``, nonzero (float) or True (bool) = kept."""

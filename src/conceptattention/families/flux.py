@@ -21,17 +21,10 @@ from .base import CallInputs, Family, pair_tables, rotate_pairs
 PAPER_LAYERS = (14, 15, 16, 17)
 
 
-@register_family
-class Flux(Family):
-    name = "flux"
-    title = "FLUX.1"
-    transformer_classes = ("FluxTransformer2DModel",)
-    pipeline_classes = ("FluxPipeline",)
-    examples = ("black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev")
-    clip_fp16 = True
-    pooled_text = True
+class FluxLayout(Family):
+    """Flux's token layout, shared by its derivatives: packed latents, the grid from ``img_ids``, real RoPE
+    tables over [text ids; image ids] (each angle stored for both channels of a pair)."""
 
-    # ----- transformer side -------------------------------------------------------------------------
     def image_rope(self, rope: Any, num_image_tokens: int, dtype: torch.dtype) -> Any:
         cos, sin = rope
         return pair_tables(cos[-num_image_tokens:], sin[-num_image_tokens:], dtype)
@@ -46,6 +39,18 @@ class Flux(Family):
     def read_call(self, transformer: nn.Module, arguments: dict[str, Any]) -> CallInputs:
         return grid_from_ids(arguments)
 
+
+@register_family
+class Flux(FluxLayout):
+    name = "flux"
+    title = "FLUX.1"
+    transformer_classes = ("FluxTransformer2DModel",)
+    pipeline_classes = ("FluxPipeline",)
+    examples = ("black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev")
+    clip_fp16 = True
+    pooled_text = True
+
+    # ----- transformer side -------------------------------------------------------------------------
     def default_layers(self, transformer: nn.Module) -> tuple[int, ...] | None:
         return PAPER_LAYERS if len(self.double_blocks(transformer)) == 19 else None
 

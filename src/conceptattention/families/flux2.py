@@ -32,12 +32,12 @@ from torch import nn
 
 from ..errors import ConceptAttentionError
 from . import register_family
-from .base import CallInputs, Family, TextStep, call_default, pair_tables, rotate_pairs
-from .flux import grid_from_ids
+from .base import CallInputs, TextStep, call_default, pair_tables
+from .flux import FluxLayout
 
 
 @register_family
-class Flux2(Family):
+class Flux2(FluxLayout):
     name = "flux2"
     title = "FLUX.2"
     transformer_classes = ("Flux2Transformer2DModel",)
@@ -63,12 +63,6 @@ class Flux2(Family):
 
         return TextStep(q, k, v, finish)
 
-    def image_rope(self, rope: Any, num_image_tokens: int, dtype: torch.dtype) -> Any:
-        return pair_tables(rope[0][-num_image_tokens:], rope[1][-num_image_tokens:], dtype)
-
-    def text_rope(self, rope: Any, num_text_tokens: int, dtype: torch.dtype) -> Any:
-        return pair_tables(rope[0][:num_text_tokens], rope[1][:num_text_tokens], dtype)
-
     def concept_rope(self, transformer: nn.Module, rope: Any, dtype: torch.dtype, position: int | None) -> Any:
         """The rotation of ids (0, 0, 0, p) by the model's own ``pos_embed`` (None, the identity, if no p)."""
         if not position:
@@ -79,12 +73,9 @@ class Flux2(Family):
         cos, sin = model.pos_embed(ids)
         return pair_tables(cos, sin, dtype)
 
-    def apply_rope(self, x: torch.Tensor, table: Any) -> torch.Tensor:
-        return rotate_pairs(x, table)
-
     def read_call(self, transformer: nn.Module, arguments: dict[str, Any]) -> CallInputs:
         """The grid of ``img_ids``; reading it raises when the call has reference-image tokens (t != 0)."""
-        inputs = grid_from_ids(arguments)
+        inputs = super().read_call(transformer, arguments)
         ids: Any = arguments.get("img_ids")
         grid: Any = inputs.grid
 

@@ -178,38 +178,13 @@ class ConceptResult:
         ``out`` intact. An earlier result in ``out`` is replaced whole; a folder holding anything else
         is refused (see :func:`check_out_dir`). Maps holding NaN or infinities are refused, not written.
         """
-        out = check_out_dir(out)
-        maps = self.maps.detach().float().cpu()
-        raw = None if self.raw_token_maps is None else self.raw_token_maps.detach().float().cpu()
-        if not bool(torch.isfinite(maps).all()) or (raw is not None and not bool(torch.isfinite(raw).all())):
-            raise ConceptAttentionError(
-                "the maps hold NaN or infinite values, so nothing was written: the model produced non-finite numbers "
-                "(check the guidance and other settings; float16 can overflow, try --dtype bfloat16 or float32)"
-            )
         info = {
             "concepts": self.concepts,
             "maps_shape": list(self.maps.shape),
             "token_grid": list(self.token_maps.shape[1:]),
             "image_size": list(self.image.size),
-            "files": {},
-            **self.settings,
-            "version": __version__,
         }
-        try:
-            json.dumps(info, allow_nan=False)
-        except ValueError:
-            raise ConceptAttentionError(
-                "a setting of this result is NaN or infinite, so nothing was written; give finite numbers"
-            ) from None
-        try:
-            with _staged(out) as stage:
-                names = self._write(stage, maps, raw, info)
-        except OSError as err:
-            raise ConceptAttentionError(
-                f"could not write the results to {out}: {err.strerror or err}; free some disk space, or pass "
-                "another --out that you can write to (nothing was left half-written)"
-            ) from None
-        return {key: out / name for key, name in names.items()}
+        return save_all_or_nothing(out, self.maps, self.raw_token_maps, {**info, **self.settings}, self._write)
 
     def _write(self, folder: Path, maps: torch.Tensor, raw: torch.Tensor | None, info: dict) -> dict[str, str]:
         """Every output file into ``folder``; returns ``{key: file name}``."""
@@ -232,6 +207,37 @@ class ConceptResult:
         info["files"] = dict(names)
         (folder / names["result"]).write_text(json.dumps(info, indent=2, allow_nan=False))
         return names
+
+
+def save_all_or_nothing(
+    out: Path | str, maps: torch.Tensor, raw: torch.Tensor | None, info: dict[str, Any], write: Any
+) -> dict[str, Path]:
+    """Check ``out``, the maps (finite) and ``info`` (JSON without NaN), then ``write(folder, maps, raw, info)``
+    into a staged folder that takes ``out``'s place only when complete; returns ``{key: path}``."""
+    out = check_out_dir(out)
+    maps = maps.detach().float().cpu()
+    raw = None if raw is None else raw.detach().float().cpu()
+    if not bool(torch.isfinite(maps).all()) or (raw is not None and not bool(torch.isfinite(raw).all())):
+        raise ConceptAttentionError(
+            "the maps hold NaN or infinite values, so nothing was written: the model produced non-finite numbers "
+            "(check the guidance and other settings; float16 can overflow, try --dtype bfloat16 or float32)"
+        )
+    info = {**info, "files": {}, "version": __version__}
+    try:
+        json.dumps(info, allow_nan=False)
+    except ValueError:
+        raise ConceptAttentionError(
+            "a setting of this result is NaN or infinite, so nothing was written; give finite numbers"
+        ) from None
+    try:
+        with _staged(out) as stage:
+            names = write(stage, maps, raw, info)
+    except OSError as err:
+        raise ConceptAttentionError(
+            f"could not write the results to {out}: {err.strerror or err}; free some disk space, or pass "
+            "another --out that you can write to (nothing was left half-written)"
+        ) from None
+    return {key: out / name for key, name in names.items()}
 
 
 #: The file that marks a folder as holding a result of :meth:`ConceptResult.save`.

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .. import __version__
 from ..errors import ConceptAttentionError, short
-from .result import _staged, check_out_dir, overlay_names
+from .result import overlay_names, save_all_or_nothing
 
 FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 #: Files the CLI reads as videos (a folder of frames is one too).
@@ -147,38 +146,16 @@ class VideoResult:
         """Write video.mp4, one ``<concept>.mp4`` overlay video per concept, grid.png (frames x concepts),
         maps.npy ``[K, T, H, W]`` (and maps_raw.npy ``[K, F, h, w]``) and result.json into ``out``; all or
         nothing, as :meth:`ConceptResult.save <conceptattention.pipelines.result.ConceptResult.save>`."""
-        out = check_out_dir(out)
         _imageio()  # a missing plugin fails before anything is written
-        maps = self.maps.detach().float().cpu()
-        raw = None if self.raw_token_maps is None else self.raw_token_maps.detach().float().cpu()
-        if not bool(torch.isfinite(maps).all()) or (raw is not None and not bool(torch.isfinite(raw).all())):
-            raise ConceptAttentionError(
-                "the maps hold NaN or infinite values, so nothing was written: the model produced non-finite numbers "
-                "(float16 can overflow, try --dtype bfloat16 or float32)"
-            )
         info = {
             "concepts": self.concepts,
-            "maps_shape": list(maps.shape),
+            "maps_shape": list(self.maps.shape),
             "token_grid": list(self.token_maps.shape[1:]),
             "video_size": [int(self.frames.shape[2]), int(self.frames.shape[1])],
             "frames": int(self.frames.shape[0]),
             "fps": self.fps,
-            "files": {},
-            **self.settings,
-            "version": __version__,
         }
-        try:
-            json.dumps(info, allow_nan=False)
-            with _staged(out) as stage:
-                names = self._write(stage, maps, raw, info)
-        except ValueError:
-            raise ConceptAttentionError("a setting of this result is NaN or infinite, so nothing was written") from None
-        except OSError as err:
-            raise ConceptAttentionError(
-                f"could not write the results to {out}: {err.strerror or err}; free some disk space, or pass "
-                "another --out that you can write to (nothing was left half-written)"
-            ) from None
-        return {key: out / name for key, name in names.items()}
+        return save_all_or_nothing(out, self.maps, self.raw_token_maps, {**info, **self.settings}, self._write)
 
     def _write(self, folder: Path, maps: torch.Tensor, raw: torch.Tensor | None, info: dict) -> dict[str, str]:
         from ..viz import colorize
