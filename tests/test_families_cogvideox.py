@@ -354,6 +354,7 @@ def test_valid_frames_give_latent_counts_the_temporal_patch_divides():
 
     assert [family.valid_frames(pipe(None), n) for n in (0, 1, 4, 5, 9, 12)] == [0, 1, 1, 5, 9, 9]
     assert [family.valid_frames(pipe(2), n) for n in (1, 5, 9, 12, 13)] == [0, 5, 5, 5, 13]
+    assert family.video_fps(pipe(None)) == 8 and family.video_fps(pipe(2)) == 16  # CogVideoX 1.0 / 1.5
 
 
 def test_encode_a_video_with_batched_noise_draws_is_the_mean_of_single_draws(wrapped):

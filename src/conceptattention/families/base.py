@@ -344,6 +344,10 @@ class Family:
         """Image sides must be multiples of this (VAE downsampling times the patch size)."""
         return pipe.vae_scale_factor * 2
 
+    def video_fps(self, pipe: Any) -> int:
+        """(video) The frame rate this pipeline's videos are saved at (default :attr:`fps`)."""
+        return self.fps
+
     def valid_frames(self, pipe: Any, frames: int) -> int:
         """(video) The largest frame count of at most ``frames`` that the VAE takes (0: none): ``k * r + 1``
         for a VAE of temporal compression r."""

@@ -24,7 +24,7 @@ to ``k * r + 1`` with a latent count ``patch_size_t`` divides. The shared code m
 (1 - t) * z`` (flow time); this variance-preserving (v-prediction) model takes ``x / sqrt((1 - t)^2 + t^2)``,
 exactly its marginal ``sqrt(a) z + sqrt(1 - a) noise`` of equal signal-to-noise ratio, ``a = (1 - t)^2 /
 ((1 - t)^2 + t^2)``, at the training timestep whose ``alphas_cumprod`` is nearest ``a`` (t = 0.5: a = 0.5).
-Videos are saved at 8 fps (CogVideoX 1.0's).
+Videos are saved at 8 fps (CogVideoX 1.0's), 16 for CogVideoX 1.5 (temporal patches).
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ class CogVideoX(Family):
     pipeline_classes = ("CogVideoXPipeline",)
     examples = ("THUDM/CogVideoX-2b", "THUDM/CogVideoX-5b", "THUDM/CogVideoX1.5-5B")
     video, fps = True, 8
+
+    def video_fps(self, pipe: Any) -> int:
+        return 16 if pipe.transformer.config.patch_size_t else 8  # 1.5 patches frames in pairs
 
     # ----- transformer side -------------------------------------------------------------------------
     def text_dim(self, transformer: nn.Module) -> int:

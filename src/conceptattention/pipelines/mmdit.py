@@ -227,7 +227,11 @@ class MMDiTPipeline(MapsPipeline):
             index = self.model_family.prompt_batch_index
             maps = {name: m[index] for name, m in session.all_maps().items()}
             return video_result(
-                picture, maps, list(concepts), {**settings, "frames": len(picture)}, self.model_family.fps
+                picture,
+                maps,
+                list(concepts),
+                {**settings, "frames": len(picture)},
+                self.model_family.video_fps(self.pipe),
             )
         return result_from_session(
             picture, session, list(concepts), settings, batch_index=self.model_family.prompt_batch_index
@@ -334,7 +338,7 @@ class MMDiTPipeline(MapsPipeline):
         if self.model_family.video:
             video = _uint8_frames(pixels.permute(1, 2, 3, 0).cpu().numpy())
             settings.update(frames=len(video), frames_given=given[0])  # more given: cut to what the VAE takes
-            return video_result(video, maps, list(concepts), settings, self.model_family.fps)
+            return video_result(video, maps, list(concepts), settings, self.model_family.video_fps(self.pipe))
         from .shapes import to_pil
 
         return result_from_maps(to_pil(pixels), maps, list(concepts), settings)
