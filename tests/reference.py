@@ -73,6 +73,18 @@ def scores(space: str, o_x, o_c, v_x, v_c, k_x, q_c, concept_norm: str = "none")
     raise ValueError(space)
 
 
+def head_scores(space: str, o_x, o_c, v_x, v_c, k_x, q_c, concept_norm: str = "none") -> torch.Tensor:
+    """Each head's part of :func:`scores`, ``[B, H, K, N]`` float64 (per-head tensors ``[B, H, S, Dh]``)."""
+    if concept_norm == "linear":  # per channel across concepts: the same channels, split by head
+        o_c = heads(rescale_concepts(merge(o_c)), o_c.shape[1])
+        v_c = heads(rescale_concepts(merge(v_c)), v_c.shape[1])
+    if space == "output":
+        return torch.einsum("bhnd,bhkd->bhkn", o_x.double(), o_c.double())
+    if space == "value":
+        return torch.einsum("bhnd,bhkd->bhkn", v_x.double(), v_c.double())
+    return (q_c.double() @ k_x.double().transpose(-1, -2) / q_c.shape[-1] ** 0.5).softmax(dim=-1)
+
+
 @torch.no_grad()
 def reference_maps(
     family: str,
@@ -99,7 +111,7 @@ def reference_maps(
     return (total / count).float()
 
 
-def _one_call(family, t, inputs, concepts, layers, stream, space, pooled, concept_norm="none"):
+def _one_call(family, t, inputs, concepts, layers, stream, space, pooled, concept_norm="none", detail=False):
     hs, enc_in, pooled_in, ts = (
         inputs["hidden_states"],
         inputs["encoder_hidden_states"],
@@ -152,7 +164,16 @@ def _one_call(family, t, inputs, concepts, layers, stream, space, pooled, concep
         o_c = concept_attention(stream, cq, ck, cv, k_x, v_x)
 
         if index in layers:
-            yield scores(space, o_x, merge(o_c), v_x, cv, k_x, cq, concept_norm).float()
+            if not detail:
+                yield scores(space, o_x, merge(o_c), v_x, cv, k_x, cq, concept_norm).float()
+            else:
+                yield {
+                    "scores": scores(space, o_x, merge(o_c), v_x, cv, k_x, cq, concept_norm).double(),
+                    "per_head": head_scores(space, out[:, :, n_txt:], o_c, v_x, cv, k_x, cq, concept_norm),
+                    "query": Q[:, :, n_txt:].double(),
+                    "key": k_x.double(),
+                    "image_out": o_x.double(),
+                }
         if gates is not None:
             g_msa, shift, scale, g_mlp = gates
             c = c + g_msa[:, None] * attn.to_add_out(merge(o_c))

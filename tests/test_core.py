@@ -8,10 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import reference_maps
+from reference_followups import reference_followup_maps
 from tiny_models import TEXT_DIM, concepts, flux_inputs, hook_counts, processors, sd3_inputs, tiny_flux, tiny_sd3
 from torch import nn
 
-from conceptattention import READOUTS, ConceptAttention, ConceptAttentionError, UnsupportedModelError
+from conceptattention import FOLLOWUPS, READOUTS, ConceptAttention, ConceptAttentionError, UnsupportedModelError
+from conceptattention.readouts import parse_readout
 
 ALL = list(READOUTS)
 
@@ -82,6 +84,61 @@ def check_all(family, model, runs, embeds, layers, pooled="zero", grid=(3, 5), *
         assert actual.shape == expected.shape
         assert rel_err(actual, expected) <= 1e-5, name
         assert ca.maps(name).shape == (expected.shape[0], expected.shape[1], *grid)
+
+
+# ----- the follow-up readouts equal explicit N x N matrix algebra (tests/reference_followups.py) ------------------
+SPECS = [
+    *FOLLOWUPS,
+    "concept_attention:bounces=inf",
+    "concept_attention:anchors=3:spread=2:heads=lambda2",
+    "output_no_softmax:bounces=2:heads=entropy",
+    "cross_attention:heads=entropy:layer_weight=confidence",
+    "concept_attention_linear_norm:heads=entropy",
+]
+
+
+@pytest.mark.parametrize(
+    "family, make, inputs",
+    # N image tokens <= head width + 1, so the second eigenvalue is exact
+    [("flux", tiny_flux, flux_inputs(batch=2, h=3, w=5)), ("sd3", tiny_sd3, sd3_inputs(batch=2, h=3, w=3))],
+)
+def test_followups_match_explicit_attention_matrices(family, make, inputs):
+    model, embeds = make(layers=3), concepts(4)
+    with torch.no_grad(), ConceptAttention(model, embeds, layers=[0, 1], readouts=SPECS) as ca:
+        model(**inputs)
+    for spec in SPECS:
+        readout = parse_readout(spec)
+        expected = reference_followup_maps(family, model, [inputs], embeds, readout, [0, 1])
+        assert rel_err(ca.token_maps(spec), expected) <= 1e-4, spec
+
+
+def test_followups_leave_the_output_unchanged_and_read_every_block_when_asked():
+    model, inputs = tiny_flux(layers=3), flux_inputs(batch=1)
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        with ConceptAttention(model, concepts(3), layers=[0], readouts=["concept_attention", *FOLLOWUPS]) as ca:
+            ours = model(**inputs)[0]
+    assert torch.equal(plain, ours)
+    assert ca.last_block == 2  # layers_confidence reads all three blocks, the paper's map only block 0
+    torch.testing.assert_close(ca.maps("bounce_2").sum(1), torch.ones(1, 3, 5))
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("concept_attention:bounces=-1", "bounces is a whole number"),
+        ("concept_attention:bounces=1.5", "bounces is a whole number"),
+        ("concept_attention:heads=max", "heads is one of"),
+        ("concept_attention:anchors=2:bounces=2", "two methods"),
+        ("concept_attention:spread=0", "spread is an int >= 1"),
+        ("concept_attention:depth=2", "not KEY=VALUE"),
+        ("concept_attention:softmax=maybe", "true or false"),
+        ("bounce_3", "unknown readout 'bounce_3'"),
+    ],
+)
+def test_bad_followup_settings(spec, match):
+    with pytest.raises(ConceptAttentionError, match=match):
+        ConceptAttention(tiny_flux(), concepts(2), readouts=[spec])
 
 
 @pytest.mark.parametrize("layers", [[0], [1, -1], [0, 1, 2]])

@@ -16,7 +16,7 @@ import torch
 from tiny_models import hook_counts
 from typer.testing import CliRunner
 
-from conceptattention import ConceptAttention, PromptAttention
+from conceptattention import FOLLOWUPS, ConceptAttention, PromptAttention
 from conceptattention.families import family_for_pipeline, family_for_transformer
 from conceptattention.pipelines.mmdit import MMDiTPipeline
 
@@ -250,3 +250,20 @@ def test_the_web_pages_buttons_work(family, wrapped, tmp_path):
         assert len(overlays) == 2 and Path(archive).is_file()
     finally:
         handlers.close()
+
+
+def test_every_follow_up_method_runs_and_leaves_the_output_unchanged(family):
+    """The follow-ups read the image queries at the points DAAM-style prompt attention reads them (its per-family
+    references check those and their RoPE); the chain algebra is checked against explicit matrices in test_core."""
+    model = family.transformer()
+    inputs = family.call_inputs(model, batch=2, h=3, w=4)
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        with ConceptAttention(model, concepts(model), layers=[0], readouts=["concept_attention", *FOLLOWUPS]) as ca:
+            ours = model(**inputs)[0]
+    assert torch.equal(plain, ours)
+    for name in FOLLOWUPS:
+        maps = ca.maps(name)
+        assert maps.shape == (2, 3, 3, 4) and torch.isfinite(maps).all(), name
+    torch.testing.assert_close(ca.maps("bounce_2").sum(1), torch.ones(2, 3, 4))  # still a distribution over concepts
+    assert not torch.allclose(ca.maps("bounce_1"), ca.maps())  # the image self-attention moved the map

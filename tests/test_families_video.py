@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny_models import hook_counts
 
-from conceptattention import ConceptAttention
+from conceptattention import FOLLOWUPS, ConceptAttention
 from conceptattention.families import family_for_pipeline, family_for_transformer
 from conceptattention.pipelines.mmdit import MMDiTPipeline
 
@@ -185,3 +185,20 @@ def test_a_video_too_large_for_the_device_is_one_clear_error(family, wrapped, tm
     finally:
         handle.remove()
     assert hook_counts(wrapped.transformer) == before
+
+
+def test_every_follow_up_method_runs_and_leaves_the_output_unchanged(family):
+    """The follow-ups read the image queries at the points DAAM-style prompt attention reads them (its per-family
+    references check those and their RoPE); the chain algebra is checked against explicit matrices in test_core."""
+    model = family.transformer()
+    inputs = family.call_inputs(model, batch=2, f=2, h=3, w=2)
+    with torch.no_grad():
+        plain = model(**inputs)[0]
+        with ConceptAttention(model, concepts(model), layers=[0], readouts=["concept_attention", *FOLLOWUPS]) as ca:
+            ours = model(**inputs)[0]
+    assert torch.equal(plain, ours)
+    for name in FOLLOWUPS:
+        maps = ca.maps(name)
+        assert maps.shape == (2, 3, 2, 3, 2) and torch.isfinite(maps).all(), name
+    torch.testing.assert_close(ca.maps("bounce_2").sum(1), torch.ones(2, 2, 3, 2))  # still a distribution over concepts
+    assert not torch.allclose(ca.maps("bounce_1"), ca.maps())  # the image self-attention moved the map

@@ -4,6 +4,7 @@ Public API (see README):
 
 - :class:`ConceptAttention` -- attach a concept stream to a diffusers MM-DiT and read saliency maps.
 - :data:`READOUTS`, :class:`Readout` -- the paper's method, its ablations and attention baselines.
+- :data:`FOLLOWUPS` -- the follow-up methods: attention chains, anchor propagation, head and layer weighting.
 - :data:`FAMILIES`, :class:`Family`, :func:`register_family` -- the supported model families, and how to add one.
 - :class:`ConceptAttentionError` -- raised for every input error a user can cause.
 """
@@ -28,6 +29,7 @@ _LAZY = {
     "ConceptAttention": "core",
     "default_layers": "core",
     "READOUTS": "readouts",
+    "FOLLOWUPS": "readouts",
     "Readout": "readouts",
 }
 
@@ -40,6 +42,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "FAMILIES",
+    "FOLLOWUPS",
     "ConceptAttention",
     "ConceptAttentionError",
     "Family",

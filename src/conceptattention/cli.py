@@ -247,6 +247,26 @@ MODEL_HELP = (
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 DTYPE_HELP = "auto, float32, bfloat16 or float16"
 LAYERS_HELP = "double-stream blocks to read, e.g. --layers 2 --layers 3 (default: the model's)"
+METHOD_HELP = (
+    "the map: concept_attention (the paper, default) or any concept-stream method of `eval` (bounce_2, "
+    "anchor_propagation, heads_lambda2, ...), optionally with settings, e.g. concept_attention:bounces=3"
+)
+
+
+def _readout_of(method: str) -> str:
+    """The readout behind a --method of generate / encode; one clear error for any other method."""
+    from .eval.methods import METHODS, resolve_methods
+
+    chosen = resolve_methods([method])
+    if len(chosen) != 1 or chosen[0].readout is None:
+        others = ", ".join(n for n, m in METHODS.items() if m.readout is None)
+        raise ConceptAttentionError(
+            f"--method takes one map of the concept stream, e.g. concept_attention, bounce_2 or anchor_propagation "
+            f"(any method of `eval` but {others}), not {method!r}"
+        )
+    return chosen[0].readout
+
+
 VERBOSE_HELP = "show library warnings, and the traceback of an unexpected error"
 SEED_MAX = 2**63 - 1
 COMMAND = {"cls": _Command}
@@ -345,6 +365,7 @@ def generate(
     ),
     seed: int = typer.Option(0, min=0, max=SEED_MAX),
     layers: list[int] | None = typer.Option(None, "--layers", help=LAYERS_HELP),
+    method: str = typer.Option("concept_attention", "--method", "-m", help=METHOD_HELP),
     height: int | None = typer.Option(None, min=16, max=16384, help="image height (diffusers models only)"),
     width: int | None = typer.Option(None, min=16, max=16384, help="image width (diffusers models only)"),
     frames: int | None = typer.Option(None, min=1, max=100000, help="frames of the video (video models only)"),
@@ -369,6 +390,7 @@ def generate(
     from .pipelines import is_shapes_model
 
     words = _concepts(concepts)
+    readout = _readout_of(method)  # a bad method fails before any loading
     if shift is not None and not is_shapes_model(model):  # before loading a model of many GB
         raise ConceptAttentionError(
             "--shift sets the shapes model's sampler; diffusers models use the shift of "
@@ -379,7 +401,7 @@ def generate(
     progress = (not quiet) if "progress" in pipe.options else None
     extra = _options(pipe, height=height, width=width, shift=shift, progress=progress, frames=frames)
     extra.update({k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None})
-    result = pipe.generate(prompt, words, seed=seed, layers=layers, **extra)
+    result = pipe.generate(prompt, words, seed=seed, layers=layers, readouts=(readout,), **extra)
     _report(result, out, quiet)
 
 
@@ -404,6 +426,7 @@ def encode(
     ),
     seed: int = typer.Option(0, min=0, max=SEED_MAX),
     layers: list[int] | None = typer.Option(None, "--layers", help=LAYERS_HELP),
+    method: str = typer.Option("concept_attention", "--method", "-m", help=METHOD_HELP),
     size: str | None = typer.Option(None, help="WIDTHxHEIGHT fed to the model (diffusers models only)"),
     frames: int | None = typer.Option(
         None, min=1, max=100000, help="at most this many frames of the video (video models; default: all it takes)"
@@ -427,6 +450,7 @@ def encode(
     from .pipelines.video import is_video_path, load_video
 
     words = _concepts(concepts)
+    readout = _readout_of(method)  # a bad method fails before any loading
     parsed_size = _parse_size(size)
     out = _check_out(out)
     is_video = is_video_path(image)
@@ -439,7 +463,9 @@ def encode(
     if makes_video and not is_video:
         picture = [picture]  # an image is a video of one frame
     samples = pipe.default_samples if samples is None else samples
-    result = pipe.encode(picture, words, caption=caption, t=t, samples=samples, seed=seed, layers=layers, **extra)
+    result = pipe.encode(
+        picture, words, caption=caption, t=t, samples=samples, seed=seed, layers=layers, readouts=(readout,), **extra
+    )
     _report(result, out, quiet)
 
 

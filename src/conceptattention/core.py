@@ -22,7 +22,8 @@ from torch import nn
 from .errors import ConceptAttentionError
 from .families import CallInputs, Family
 from .hooks import HookSession, check_layers
-from .readouts import STREAMS, Readout, layer_scores, resolve_readouts, stream_mask
+from .propagation import anchor_spread, bounce, entropy_weights, layer_confidence, normalised, second_eigenvalue
+from .readouts import STREAMS, Readout, head_scores, layer_scores, resolve_readouts, stream_mask
 
 __all__ = ["ConceptAttention", "default_layers"]
 
@@ -36,6 +37,11 @@ def default_layers(num_blocks: int) -> tuple[int, ...]:
     start = int(math.floor(0.74 * num_blocks))
     stop = max(start + 1, num_blocks - 1)
     return tuple(range(min(start, num_blocks - 1), min(stop, num_blocks)))
+
+
+def uniform_rows(batch: int, heads: int, like: torch.Tensor) -> torch.Tensor:
+    """Equal head weights ``[B, H]``."""
+    return torch.full((batch, heads), 1.0 / heads, device=like.device)
 
 
 class ConceptAttention(HookSession):
@@ -92,6 +98,8 @@ class ConceptAttention(HookSession):
         self.num_concepts = self.concept_embeds.shape[-2]
         self.layers = self._check_layers(layers)
         self.readouts = resolve_readouts(readouts)
+        self._reads_all = any(r.layers == "all" for r in self.readouts.values())
+        self._needs_query = any(r.needs_queries for r in self.readouts.values())
         self._calls = self._check_calls(calls)
         if concept_pooled not in ("zero", "prompt"):
             raise ConceptAttentionError(f"concept_pooled must be 'zero' or 'prompt', not {concept_pooled!r}")
@@ -112,6 +120,14 @@ class ConceptAttention(HookSession):
         self._embeds_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self.reset()
         self._call_ended()
+
+    @property
+    def last_block(self) -> int:
+        """The last block read: the last chosen layer, or the last block when a readout reads all."""
+        return len(self._blocks) - 1 if self._reads_all else self.layers[-1]
+
+    def _reads(self, readout: Readout, index: int) -> bool:
+        return readout.layers == "all" or index in self.layers
 
     # ----- validation ---------------------------------------------------------------------------
     def _check_embeds(self, embeds: Any) -> torch.Tensor:
@@ -157,6 +173,7 @@ class ConceptAttention(HookSession):
     def reset(self) -> None:
         """Forget accumulated maps and restart call counting at 0."""
         self._sums: dict[str, torch.Tensor] = {}
+        self._weight_sums: dict[str, torch.Tensor] = {}  # readouts weighting layers: per-image weight totals
         self._counts: dict[str, int] = {name: 0 for name in self.readouts}
         self.num_calls = 0
         self.recorded_calls = 0
@@ -188,6 +205,9 @@ class ConceptAttention(HookSession):
             for name, (module, convert) in self.family.capture_points(block).items()
         ]
         handles.append(self.family.output_point(block).register_forward_pre_hook(self._capture_attn_out))
+        if self._needs_query:  # the image queries, for the image tokens' own self-attention
+            module, convert = self.family.prompt_attention_points(block)["image_query"]
+            handles.append(module.register_forward_hook(self._capture_output("image_query", convert, first=True)))
         return handles
 
     def _call_started(self, arguments: dict[str, Any]) -> None:
@@ -209,9 +229,9 @@ class ConceptAttention(HookSession):
         finally:
             self._in_time_embed = False
 
-    def _capture_output(self, name: str, convert: Callable[[Any], torch.Tensor]) -> Callable:
+    def _capture_output(self, name: str, convert: Callable[[Any], torch.Tensor], first: bool = False) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if self._active and self._in_block is not None:
+            if self._active and self._in_block is not None and not (first and name in self._capture):
                 self._capture[name] = convert(output)
 
         return hook
@@ -276,6 +296,16 @@ class ConceptAttention(HookSession):
         if image_rope is not None:
             key = self.family.apply_rope(key, image_rope)
         image_key, image_value = key.transpose(1, 2), capture["value"].transpose(1, 2)  # [B, H, N, Dh]
+        image_query = capture.get("image_query")
+        if self._needs_query and (index in self.layers or self._reads_all):
+            if image_query is None:
+                raise ConceptAttentionError(
+                    f"double-stream block {index} ran without exposing its image queries; the "
+                    f"{self.family.title} family does not match this transformer's implementation"
+                )
+            if image_rope is not None:
+                image_query = self.family.apply_rope(image_query, image_rope)
+            image_query = image_query.transpose(1, 2)  # [B, H, N, Dh]
 
         if self._hidden is None:
             self._hidden = self._initial_hidden(batch, image_out)
@@ -296,9 +326,9 @@ class ConceptAttention(HookSession):
         )
         concept_out = attended.transpose(1, 2).flatten(2)  # [B, S*K, H*Dh]
 
-        if index in self.layers:
-            self._accumulate(image_out, concept_out, image_value, image_key, step)
-        if index < self.layers[-1]:
+        if index in self.layers or self._reads_all:
+            self._accumulate(index, image_out, concept_out, image_value, image_key, image_query, step)
+        if index < self.last_block:
             self._hidden = step.finish(concept_out)
             if self._hidden is None:
                 raise ConceptAttentionError(f"block {index} ends the text stream; no later layer can be read")
@@ -309,41 +339,82 @@ class ConceptAttention(HookSession):
 
     def _accumulate(
         self,
+        index: int,
         image_out: torch.Tensor,
         concept_out: torch.Tensor,
         image_value: torch.Tensor,
         image_key: torch.Tensor,
+        image_query: torch.Tensor | None,
         step: Any,
     ) -> None:
         k = self.num_concepts
-        raw: dict[tuple[str, str, str], torch.Tensor] = {}
+        raw: dict[tuple, torch.Tensor] = {}
+        per_head: dict[tuple, torch.Tensor] = {}
+        lambda2: list[torch.Tensor] = []  # computed once per layer, when a readout asks
+
+        def inputs(readout: Readout) -> dict[str, Any]:
+            s = self._streams.index(readout.stream)
+            sl = slice(s * k, (s + 1) * k)
+            return dict(
+                image_out=image_out,
+                concept_out=concept_out[:, sl],
+                image_value=image_value,
+                concept_value=step.value[:, :, sl],
+                image_key=image_key,
+                concept_query=step.query[:, :, sl],
+                concept_norm=readout.concept_norm,
+            )
+
+        def head_weights(readout: Readout) -> torch.Tensor | None:
+            if readout.heads == "lambda2":
+                if not lambda2:
+                    assert image_query is not None
+                    lambda2.append(normalised(second_eigenvalue(image_query, image_key)))
+                return lambda2[0]
+            if readout.heads == "entropy":
+                key = (readout.stream, readout.space, readout.concept_norm)
+                if key not in per_head:
+                    per_head[key] = head_scores(readout.space, **inputs(readout))
+                return entropy_weights(per_head[key])
+            return None
+
         for name, readout in self.readouts.items():
-            pair = (readout.stream, readout.space, readout.concept_norm)
-            if pair not in raw:
-                s = self._streams.index(readout.stream)
-                sl = slice(s * k, (s + 1) * k)
-                raw[pair] = layer_scores(
-                    readout.space,
-                    image_out=image_out,
-                    concept_out=concept_out[:, sl],
-                    image_value=image_value,
-                    concept_value=step.value[:, :, sl],
-                    image_key=image_key,
-                    concept_query=step.query[:, :, sl],
-                    concept_norm=readout.concept_norm,
-                )
-            scores = raw[pair].softmax(dim=1) if readout.softmax else raw[pair]
-            total = self._sums.get(name)
-            if total is None:
-                self._sums[name] = scores.clone()
-            elif total.shape != scores.shape:
-                raise ConceptAttentionError(
-                    f"this call's maps are {tuple(scores.shape)} but earlier calls gave {tuple(total.shape)} "
-                    "(batch, concepts, image tokens); call reset() between inputs of different sizes"
-                )
-            else:
-                total.add_(scores)
-            self._counts[name] += 1
+            if not self._reads(readout, index):
+                continue
+            weights = head_weights(readout)
+            key = (readout.stream, readout.space, readout.concept_norm, readout.heads)
+            if key not in raw:
+                raw[key] = layer_scores(readout.space, **inputs(readout), head_weights=weights)
+            scores = raw[key].softmax(dim=1) if readout.softmax else raw[key]
+            if readout.bounces or readout.anchors:
+                assert image_query is not None
+                chain = weights if weights is not None else uniform_rows(scores.shape[0], image_key.shape[1], scores)
+                if readout.bounces:
+                    scores = bounce(image_query, image_key, scores, readout.bounces, chain)
+                else:
+                    scores = anchor_spread(
+                        image_query, image_key, scores, image_out, chain, readout.anchors, readout.spread
+                    )
+            weight = layer_confidence(raw[key]) if readout.layer_weight == "confidence" else None
+            self._add(name, scores, weight)
+
+    def _add(self, name: str, scores: torch.Tensor, weight: torch.Tensor | None) -> None:
+        """Add one layer-call's scores ``[B, K, N]`` (times its per-image ``weight`` ``[B]``, if any)."""
+        if weight is not None:
+            scores = scores * weight[:, None, None]
+            total_weight = self._weight_sums.get(name)
+            self._weight_sums[name] = weight.clone() if total_weight is None else total_weight + weight
+        total = self._sums.get(name)
+        if total is None:
+            self._sums[name] = scores.clone()
+        elif total.shape != scores.shape:
+            raise ConceptAttentionError(
+                f"this call's maps are {tuple(scores.shape)} but earlier calls gave {tuple(total.shape)} "
+                "(batch, concepts, image tokens); call reset() between inputs of different sizes"
+            )
+        else:
+            total.add_(scores)
+        self._counts[name] += 1
 
     # ----- running and reading -------------------------------------------------------------------------
     def _name(self, readout: str | None) -> str:
@@ -362,6 +433,9 @@ class ConceptAttention(HookSession):
     def token_maps(self, readout: str | None = None) -> torch.Tensor:
         """Mean saliency over recorded layers and calls, ``[B, K, N]`` float32 (N image tokens)."""
         name = self._name(readout)
+        if name in self._weight_sums:
+            weights = self._weight_sums[name].clamp_min(torch.finfo(torch.float32).tiny)
+            return self._sums[name] / weights[:, None, None]
         return self._sums[name] / self._counts[name]
 
     def grid(self) -> tuple[int, ...]:

@@ -56,6 +56,11 @@ class HookSession:
 
     layers: tuple[int, ...]
 
+    @property
+    def last_block(self) -> int:
+        """The last double-stream block the session hooks (and a real-image pass runs to)."""
+        return self.layers[-1]
+
     def __init__(self, transformer: nn.Module, family: Family | None) -> None:
         self.transformer = transformer
         self.family = family if family is not None else family_for_transformer(transformer)
@@ -110,7 +115,7 @@ class HookSession:
         t = self.transformer
         self._handles.append(t.register_forward_pre_hook(self._on_call_start, with_kwargs=True))
         self._handles.append(t.register_forward_hook(self._on_call_end, always_call=True))
-        for index, block in enumerate(self._blocks[: self.layers[-1] + 1]):
+        for index, block in enumerate(self._blocks[: self.last_block + 1]):
             self._handles.append(block.register_forward_pre_hook(self._on_block_start(index), with_kwargs=True))
             self._handles.extend(self._block_hooks(index, block))
             self._handles.append(block.register_forward_hook(self._on_block_end(index)))
@@ -134,7 +139,7 @@ class HookSession:
         return hook
 
     def _on_block_end(self, index: int) -> Callable:
-        last = self.layers[-1]
+        last = self.last_block
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             self._in_block = None

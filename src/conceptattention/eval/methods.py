@@ -1,7 +1,10 @@
 """Methods a benchmark compares: each turns images + concepts + captions into one map per concept.
 
-ConceptAttention and its ablations are *readouts* of the concept stream; all readouts asked for are
-recorded in one shared transformer pass per batch. Any other method is a function
+ConceptAttention, its ablations and the follow-up methods (attention chains, anchor propagation,
+head and layer weighting) are *readouts* of the concept stream; all readouts asked for are recorded
+in one shared transformer pass per batch. A readout method takes settings after its name,
+``NAME:key=value[:key=value...]`` (the fields of :class:`~conceptattention.readouts.Readout`), e.g.
+``concept_attention:bounces=inf`` or ``bounce_2:heads=lambda2``. Any other method is a function
 
     maps(pipe, images, concepts, captions, settings) -> Tensor [B, K, h, w]
 
@@ -23,15 +26,19 @@ from typing import Any
 import torch
 
 from ..errors import ConceptAttentionError
-from ..readouts import READOUTS
+from ..readouts import ALL_READOUTS, parse_readout
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     description: str
-    readout: str | None = None  # a ConceptAttention readout, recorded in the shared pass
+    readout: str | None = None  # a ConceptAttention readout (a name or NAME:key=value spec), in the shared pass
     maps: Callable[..., torch.Tensor] | None = None  # any other method
+
+    def settings(self) -> dict[str, Any]:
+        """The method's own settings, for results.json: every field of its readout ({} for other methods)."""
+        return parse_readout(self.readout).settings() if self.readout is not None else {}
 
 
 METHODS: dict[str, Method] = {}
@@ -48,9 +55,21 @@ _READOUT_DESCRIPTIONS = {
     "value_no_softmax": "value space without the softmax over concepts",
     "concept_attention_linear_norm": "ConceptAttention with the authors' linear normalisation of concept "
     "vectors (their benchmark scripts)",
+    "bounce_1": "ConceptAttention propagated once through each head's image self-attention (attention chains)",
+    "bounce_2": "ConceptAttention propagated twice through each head's image self-attention",
+    "bounce_4": "ConceptAttention propagated four times through each head's image self-attention",
+    "bounce_8": "ConceptAttention propagated eight times through each head's image self-attention",
+    "bounce_2_lambda2": "two bounces, heads weighted by the second eigenvalue of their chain (attention chains)",
+    "anchor_propagation": "each concept's 4 most confident tokens spread 3 steps over image self-attention, gated "
+    "by output-space similarity (AnchorDiff-style)",
+    "heads_entropy": "ConceptAttention with heads weighted by how far their maps are from uniform",
+    "heads_lambda2": "ConceptAttention with heads weighted by the second eigenvalue of their self-attention chain",
+    "layers_confidence": "ConceptAttention over every double-stream block, each layer weighted per image by how "
+    "decided its maps are",
+    "heads_layers_auto": "entropy-weighted heads and confidence-weighted layers over every double-stream block",
 }
 
-for _name in READOUTS:
+for _name in ALL_READOUTS:
     METHODS[_name] = Method(_name, _READOUT_DESCRIPTIONS.get(_name, _name), readout=_name)
 
 
@@ -85,12 +104,25 @@ def resolve_methods(names: str | list[str]) -> list[Method]:
         for item in list(METHODS) if n == "all" else [n]:
             if item not in expanded:
                 expanded.append(item)
-    unknown = [n for n in expanded if n not in METHODS]
+    unknown = [n for n in expanded if n.split(":")[0] not in METHODS]
     if unknown or not expanded:
         raise ConceptAttentionError(
             f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from all, {', '.join(METHODS)}"
         )
-    return [METHODS[n] for n in expanded]
+    return [METHODS[n] if n in METHODS else with_settings(n) for n in expanded]
+
+
+def with_settings(spec: str) -> Method:
+    """``NAME:key=value[:...]``: a readout method with some of its readout's fields changed."""
+    base = METHODS[spec.split(":")[0]]
+    if base.readout is None:
+        raise ConceptAttentionError(
+            f"{base.name} takes no settings; KEY=VALUE settings apply to the concept-stream methods, "
+            "e.g. concept_attention:bounces=3"
+        )
+    changes = spec.split(":", 1)[1]
+    parse_readout(base.readout + ":" + changes)  # one clear error for a bad setting, before any work
+    return Method(spec, f"{base.description}; with {changes.replace(':', ', ')}", readout=base.readout + ":" + changes)
 
 
 def run_methods(

@@ -445,6 +445,7 @@ def evaluate(
         **header,
         "methods": summarise(records, names, class_names),
         "descriptions": {m.name: m.description for m in chosen},
+        "method_settings": {m.name: m.settings() for m in chosen},
     }
     if out is not None:
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))

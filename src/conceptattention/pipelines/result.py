@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ from PIL import Image
 
 from .. import __version__
 from ..errors import ConceptAttentionError, short
-from ..readouts import Readout, resolve_readouts
+from ..readouts import parse_readout, resolve_readouts
 
 if TYPE_CHECKING:  # matplotlib is optional: imported only inside plot()
     from matplotlib.figure import Figure
@@ -45,11 +45,19 @@ def overlay_names(concepts: list[str]) -> list[str]:
     return names
 
 
+def with_readout_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` plus every field of its main readout (``readout_settings``), when it names one by a string."""
+    name = settings.get("readout")
+    if not isinstance(name, str) or "readout_settings" in settings:
+        return settings
+    return {**settings, "readout_settings": parse_readout(name).settings()}
+
+
 def with_raw(readouts: Sequence[Any]) -> list[Any]:
     """``readouts`` plus the main readout without its softmax over concepts, for ``maps_raw.npy``
     (same stream and space: computed in the same pass at no extra cost; its name ends in "/raw")."""
     main = next(iter(resolve_readouts(list(readouts)).values()))
-    return [*readouts, Readout(main.space, False, main.stream)]
+    return [*readouts, replace(main, softmax=False, concept_norm="none")]
 
 
 @dataclass
@@ -318,6 +326,7 @@ def result_from_maps(
     image: Image.Image, token_maps: dict[str, torch.Tensor], concepts: list[str], settings: dict[str, Any]
 ) -> ConceptResult:
     """A result from ``{readout: [K, h, w]}`` token maps; the first readout is the main one."""
+    settings = with_readout_settings(settings)
     size = (image.size[1], image.size[0])
     all_maps = {name: m.float().cpu() for name, m in token_maps.items()}
     raw_names = [n for n in all_maps if n.endswith("/raw")]  # with_raw appends it last

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ConceptAttentionError, short
-from .result import overlay_names, save_all_or_nothing
+from .result import overlay_names, save_all_or_nothing, with_readout_settings
 
 FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 #: Files the CLI reads as videos (a folder of frames is one too).
@@ -214,7 +214,7 @@ def video_result(
         maps=upsample_video(main, t, (h, w)),
         token_maps=main,
         concepts=concepts,
-        settings=settings,
+        settings=with_readout_settings(settings),
         extra_maps={k: upsample_video(v, t, (h, w)) for k, v in all_maps.items()},
         raw_token_maps=raw,
         fps=fps,
