@@ -6,7 +6,9 @@ Comparisons, each of ours against its plain twin on the same inputs:
 - ``forward_all_double_layers``: the same with every double-stream block read;
 - ``real_image_pass``: the pass a real image needs (stop after the last read double-stream block)
   with K concepts, vs the plain model stopped after the same block;
-- ``real_image_pass_vs_all_double_blocks``: that pass vs a plain pass through all double blocks.
+- ``real_image_pass_vs_all_double_blocks``: that pass vs a plain pass through all double blocks;
+- ``method:NAME`` (with ``--methods``): a full forward recording readout NAME alone (a follow-up
+  method such as ``bounce_2``, or any ``NAME:key=value`` spec) vs the plain forward.
 
 Method. Every round times each comparison's two sides back to back; the comparisons' order within a
 round is shuffled, and so is which side of a pair goes first (balanced: ours first in half the
@@ -21,6 +23,7 @@ peak memory with vs without maps is measured last.
     python benchmarks/overhead.py                          # CPU, mid-size random FLUX.1 (the CI-size check)
     python benchmarks/overhead.py --config sd3-mid         # CPU, mid-size random SD3
     python benchmarks/overhead.py --config all-cpu         # every mid-size config (unsupported ones reported)
+    python benchmarks/overhead.py --methods all            # + every map method's cost, in the same rounds
     python benchmarks/overhead.py --config flux-schnell --device cuda --dtype bfloat16   # GPU, full size
 """
 
@@ -44,7 +47,7 @@ import diffusers
 import torch
 from torch import nn
 
-from conceptattention import ConceptAttention
+from conceptattention import FOLLOWUPS, ConceptAttention
 from conceptattention.errors import UnsupportedModelError
 
 # ----- configs: one table row per (family, size) ---------------------------------------------------
@@ -636,6 +639,9 @@ def measure(name: str, cfg: Config, args: argparse.Namespace) -> dict:
             model(**inputs)
 
         ours_image = image_pass(inputs)
+        method_sessions = {
+            f"method:{m}": open_session(model, embeds, name, cfg, layers=cfg.layers, readouts=[m]) for m in args.methods
+        }
         pairs = {
             "forward": (plain_forward, forward_with(session)),
             "forward_all_double_layers": (plain_forward, forward_with(all_session)),
@@ -644,6 +650,7 @@ def measure(name: str, cfg: Config, args: argparse.Namespace) -> dict:
                 lambda: plain_until(model, cfg.blocks, n_blocks - 1, inputs),
                 ours_image,
             ),
+            **{key: (plain_forward, forward_with(s)) for key, s in method_sessions.items()},
         }
         described = {
             "forward": dict(
@@ -667,6 +674,16 @@ def measure(name: str, cfg: Config, args: argparse.Namespace) -> dict:
                 ours=f"stop after block {last_read}, with maps",
                 plain=f"plain model through all {n_blocks} double-stream blocks",
             ),
+            **{
+                key: dict(
+                    concepts=args.concepts,
+                    layers=list(range(s.last_block + 1)) if s.last_block > s.layers[-1] else list(s.layers),
+                    readout=next(iter(s.readouts.values())).settings(),
+                    ours=f"full forward with the {key.removeprefix('method:')} maps only",
+                    plain="full forward",
+                )
+                for key, s in method_sessions.items()
+            },
         }
         record = paired_rounds(pairs, args.repeats, args.warmup, args.seed, device)
         comparisons = {key: {**described[key], **summarise(record[key])} for key in pairs}
@@ -737,8 +754,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="paired rounds run first and not recorded")
     parser.add_argument("--seed", type=int, default=0, help="seed of the order randomisation")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--methods",
+        default="",
+        help="also time these map methods, each alone against the plain forward: 'all' (concept_attention and "
+        "every follow-up), or names / NAME:key=value specs separated by commas",
+    )
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
     args = parser.parse_args(argv)
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.methods = ["concept_attention", *FOLLOWUPS] if wanted == ["all"] else wanted
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     return args

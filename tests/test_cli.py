@@ -397,6 +397,26 @@ def test_generate_and_encode_on_a_tiny_model(tiny_dir, tmp_path):
     assert json.loads((tmp_path / "cli_enc" / "result.json").read_text())["mode"] == "encode"
 
 
+@pytest.mark.parametrize("command", ["generate", "encode"])
+def test_method_picks_the_map_and_its_settings_are_recorded(command, tiny_dir, tmp_path):
+    runner, image = CliRunner(), tmp_path / "image.png"
+    Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8)).save(image)
+    first = ["generate", "a red circle on grass"] if command == "generate" else ["encode", str(image)]
+    common = ["-c", "circle", "grass", "--model", str(tiny_dir), "-q", *(["--steps", "2"] if command == "generate" else [])]
+    maps = {}
+    for method in ("concept_attention", "bounce_2:heads=lambda2"):
+        out = tmp_path / method.replace(":", "_")
+        r = runner.invoke(app, [*first, *common, "--method", method, "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        settings = json.loads((out / "result.json").read_text())
+        settings = settings.get("settings", settings)
+        assert settings["readout"] == method
+        maps[method] = np.load(out / "maps.npy")
+    assert settings["readout_settings"]["bounces"] == 2 and settings["readout_settings"]["heads"] == "lambda2"
+    assert not np.allclose(maps["concept_attention"], maps["bounce_2:heads=lambda2"])
+    np.testing.assert_allclose(maps["bounce_2:heads=lambda2"].sum(0), 1.0, atol=1e-4)
+
+
 def test_shift_reaches_the_sampler_and_result_json(tiny_dir, tmp_path):
     # for a diffusers model it is refused before loading (test_a_refused_call_exits_2_with_its_message)
     runner = CliRunner()
@@ -446,6 +466,21 @@ REFUSED = [
         "--height does not apply to the 'shapes' model",
     ),
     ("no-concepts-shipped-model", ["generate", "a red circle", "--concepts", ","], "no concepts given"),
+    (
+        "method-not-a-map",
+        ["generate", "a red circle", "-c", "circle", "--method", "daam", "--model", "{tiny}", "--out", "{tmp}/x"],
+        "--method takes one map of the concept stream",
+    ),
+    (
+        "method-unknown",
+        ["encode", "{tmp}/no.png", "-c", "circle", "--method", "bounce_3", "--model", "{tiny}", "--out", "{tmp}/x"],
+        "unknown method(s) bounce_3",
+    ),
+    (
+        "method-bad-setting",
+        ["generate", "a red circle", "-c", "circle", "-m", "bounce_2:bounces=two", "--model", "{tiny}", "-o", "{tmp}/x"],
+        "readout setting bounces is a whole number",
+    ),
     (
         "image-not-found-shipped-model",
         ["encode", "{tmp}/missing.png", "--concepts", "circle"],

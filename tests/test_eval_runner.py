@@ -286,6 +286,24 @@ def test_resume_cuts_a_torn_last_line_before_appending(tmp_path, monkeypatch):
     assert again["methods"] == expected["methods"]
 
 
+def test_follow_up_settings_are_recorded_in_results_json(tmp_path):
+    from conceptattention.pipelines import load_pipeline
+
+    pipe, ds = load_pipeline("shapes"), load_dataset("shapes", images=2)
+    methods = ["concept_attention", "bounce_2", "concept_attention:anchors=2:spread=2"]
+    evaluate(pipe, ds, methods, tmp_path, progress=False, batch=2, samples=1)
+    results = json.loads((tmp_path / "results.json").read_text())
+    recorded = results["method_settings"]
+    assert list(recorded) == methods and list(results["methods"]) == methods
+    assert recorded["concept_attention"]["bounces"] == 0 and recorded["bounce_2"]["bounces"] == 2
+    assert recorded["concept_attention:anchors=2:spread=2"]["anchors"] == 2
+    assert recorded["concept_attention:anchors=2:spread=2"]["spread"] == 2
+    assert "with anchors=2, spread=2" in results["descriptions"]["concept_attention:anchors=2:spread=2"]
+    table = (tmp_path / "results.md").read_text()
+    assert "- `bounce_2`: bounces=2" in table and "- `concept_attention:anchors=2:spread=2`: anchors=2, spread=2" in table
+    assert "- `concept_attention`" not in table  # the paper's own settings are the reference
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

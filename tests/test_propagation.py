@@ -146,3 +146,20 @@ def test_the_chain_is_never_materialised():
     with LargestTensor() as naive:  # the detector sees a matrix when one is formed
         torch.nn.functional.scaled_dot_product_attention(q, k, maps.transpose(1, 2)[:, None].expand(-1, 2, -1, -1))
     assert naive.largest >= n * n
+
+
+def test_a_session_with_every_follow_up_forms_no_token_by_token_tensor_on_a_mid_grid():
+    """The whole path (hooks, RoPE, the concept stream, every follow-up at its defaults) on a 32 x 32 token grid."""
+    from tiny_models import concepts, flux_inputs, tiny_flux
+
+    from conceptattention import FOLLOWUPS, ConceptAttention
+
+    n = 32 * 32
+    model, inputs = tiny_flux(layers=2), flux_inputs(batch=1, h=32, w=32)
+    with torch.no_grad(), LargestTensor() as plain:
+        model(**inputs)
+    session = ConceptAttention(model, concepts(5), layers=[0, 1], readouts=list(FOLLOWUPS))
+    with torch.no_grad(), LargestTensor() as ours, session:
+        model(**inputs)
+    assert session.maps("bounce_8").shape == (1, 5, 32, 32)
+    assert plain.largest < n * n // 4 and ours.largest < n * n // 4, (plain.largest, ours.largest)

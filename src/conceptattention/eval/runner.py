@@ -246,8 +246,26 @@ def markdown_table(results: dict) -> str:
         "Paper-compatible mIoU = acc / (2 - acc), what the authors' ImageNet script reports. "
         "mAP: per-target average precision, averaged.",
     ]
+    lines += method_settings_lines(results.get("method_settings", {}))
     lines += per_concept_table(results["methods"])
     return "\n".join(lines) + "\n"
+
+
+def method_settings_lines(settings: dict[str, dict]) -> list[str]:
+    """Markdown lines: each concept-stream method's readout fields that differ from the paper's ConceptAttention."""
+    from ..readouts import READOUTS
+
+    paper = READOUTS["concept_attention"].settings()
+    rows = []
+    for name, fields in settings.items():
+        changed = [f"{k}={v}" for k, v in fields.items() if paper.get(k) != v]
+        if fields and changed:
+            rows.append(f"- `{name}`: {', '.join(changed)}")
+    return (
+        ["", "Readout settings that differ from ConceptAttention's (all are in results.json):", "", *rows]
+        if rows
+        else []
+    )
 
 
 PER_CONCEPT_COLUMNS = 24  # wider tables (ImageNet's 445 classes) stay in results.json only
