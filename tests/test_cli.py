@@ -402,7 +402,15 @@ def test_method_picks_the_map_and_its_settings_are_recorded(command, tiny_dir, t
     runner, image = CliRunner(), tmp_path / "image.png"
     Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8)).save(image)
     first = ["generate", "a red circle on grass"] if command == "generate" else ["encode", str(image)]
-    common = ["-c", "circle", "grass", "--model", str(tiny_dir), "-q", *(["--steps", "2"] if command == "generate" else [])]
+    common = [
+        "-c",
+        "circle",
+        "grass",
+        "--model",
+        str(tiny_dir),
+        "-q",
+        *(["--steps", "2"] if command == "generate" else []),
+    ]
     maps = {}
     for method in ("concept_attention", "bounce_2:heads=lambda2"):
         out = tmp_path / method.replace(":", "_")
@@ -478,7 +486,18 @@ REFUSED = [
     ),
     (
         "method-bad-setting",
-        ["generate", "a red circle", "-c", "circle", "-m", "bounce_2:bounces=two", "--model", "{tiny}", "-o", "{tmp}/x"],
+        [
+            "generate",
+            "a red circle",
+            "-c",
+            "circle",
+            "-m",
+            "bounce_2:bounces=two",
+            "--model",
+            "{tiny}",
+            "-o",
+            "{tmp}/x",
+        ],
         "readout setting bounces is a whole number",
     ),
     (

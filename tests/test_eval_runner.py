@@ -300,7 +300,9 @@ def test_follow_up_settings_are_recorded_in_results_json(tmp_path):
     assert recorded["concept_attention:anchors=2:spread=2"]["spread"] == 2
     assert "with anchors=2, spread=2" in results["descriptions"]["concept_attention:anchors=2:spread=2"]
     table = (tmp_path / "results.md").read_text()
-    assert "- `bounce_2`: bounces=2" in table and "- `concept_attention:anchors=2:spread=2`: anchors=2, spread=2" in table
+    assert (
+        "- `bounce_2`: bounces=2" in table and "- `concept_attention:anchors=2:spread=2`: anchors=2, spread=2" in table
+    )
     assert "- `concept_attention`" not in table  # the paper's own settings are the reference
 
 
