@@ -110,7 +110,9 @@ def plan(argv: list[str], standins: dict[str, Path]) -> tuple[list[str], str]:
     real_model = None
     for i, arg in enumerate(args):
         previous = args[i - 1] if i else None
-        if previous == "--model" and arg != "shapes":
+        if previous == "--model" and (ROOT / arg / "config.json").is_file():
+            args[i] = str(ROOT / arg)  # a model folder of the clone (lab/weights/...), relative to its root
+        elif previous == "--model" and arg != "shapes":
             real_model = next((kind for prefix, kind in HUB_STANDINS.items() if arg.startswith(prefix)), None)
             if real_model is None:
                 pytest.fail(f"no tiny stand-in for the README's --model {arg}: add one to HUB_STANDINS")

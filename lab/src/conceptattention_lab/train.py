@@ -345,7 +345,7 @@ class _LayerScores(ConceptAttention):
         super().reset()
         self.scores: list[torch.Tensor] = []
 
-    def _accumulate(self, image_out, concept_out, image_value, image_key, step) -> None:
+    def _accumulate(self, index, image_out, concept_out, image_value, image_key, image_query, step) -> None:
         k = self.num_concepts
         self.scores.append(
             layer_scores(
